@@ -1,0 +1,3 @@
+from powerinfer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""`powerinfer <subcommand>`: a thin dispatcher; each subcommand module owns its arguments.
+
+A subcommand module defines `HELP`, `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from powerinfer.errors import PowerInferError
+
+# name -> module under powerinfer.commands
+SUBCOMMANDS = {
+    "generate": "generate",
+    "chat": "chat",
+    "inspect": "inspect",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from powerinfer import __version__
+
+    parser = argparse.ArgumentParser(prog="powerinfer", description=(
+        "Fast local LLM inference exploiting activation sparsity (PowerInfer)."))
+    parser.add_argument("--version", action="version", version=f"powerinfer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(f"powerinfer.commands.{module_name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args._run(args) or 0
+    except PowerInferError as e:
+        print(f"powerinfer {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `powerinfer generate ... | head`
+        return 0

@@ -1,0 +1,70 @@
+"""Argument helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from powerinfer.runtime import SamplingParams
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = non_negative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="GGUF file or Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="weight dtype (default: float32 on cpu, float16 on cuda)")
+    p.add_argument("--ctx", type=positive_int, default=None, help="context length (default: 2048)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="disable CUDA graph capture of decode")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
+    p.add_argument("--max-tokens", "-n", type=positive_int, default=256)
+    p.add_argument("--temperature", "-t", type=non_negative_float, default=temperature,
+                   help=f"0 = greedy (default: {temperature})")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_from_args(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def load_generator(args):
+    import torch
+
+    import powerinfer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return powerinfer.load(args.model, device=args.device, dtype=args.dtype, context=args.ctx,
+                           cuda_graphs=False if args.no_cuda_graphs else None)

@@ -1,0 +1,206 @@
+"""Numba CPU kernels for the neuron-aware sparse FFN operators.
+
+Follows PowerInfer (Song et al. 2023, arXiv 2312.12456), §5 "Neuron-aware Sparse
+Operators": the CPU operators touch only the rows of the active neurons, row by row,
+instead of converting the sparse activation pattern to a dense format.
+
+* gate/up: a gather-dot. Threads split the active rows; each row of ``w_gate`` and
+  ``w_up`` is streamed from memory once and dotted with every token of ``x``.
+* down: an AXPY over the active rows of ``w_down_t`` ([n_ff, d], row = neuron). The
+  original PowerInfer lets threads add into the same output vector unsynchronised;
+  here every thread owns a private partial sum and a second parallel pass adds the
+  partials column block by column block, so no output element has two writers.
+  (Partitioning over d instead was measured at half the bandwidth: each thread then
+  reads short strided slices of every row.)
+
+Weights may be float32 or bfloat16. numba has no 16-bit float arithmetic, so bfloat16
+weights arrive as their raw int16 bit patterns (half the bytes to stream) and are
+widened to float32 in a per-thread scratch row: a bfloat16 is the upper half of a
+float32. Activations, accumulation and outputs are float32.
+
+Every kernel is compiled for one signature (C-contiguous float32 2-D ``x``/``h``/``out``,
+int64 indices, float32 or int16 weights) to keep JIT time low; the wrappers below
+normalise their inputs to it. Loops index slices that start at 0: numba cannot prove
+that ``range(lo, hi)`` indices are non-negative and then skips vectorisation because of
+negative-index wraparound.
+"""
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange, types
+from numba.extending import overload
+
+from powerinfer.kernels.activations import activation_code
+
+# Reassociation lets LLVM vectorise the reductions; no nnan/ninf, so an overflowing
+# exp in silu or tanh keeps IEEE semantics.
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+_JIT = dict(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
+
+# Output columns reduced per task in the partial-sum pass (1 KiB of float32).
+_REDUCE_COLUMNS = 256
+# Work items per thread: >1 evens out the load when threads run at different speeds.
+_TASKS_PER_THREAD = 4
+# Upper bound on the private partial sums of sparse_down; beyond it (long prompts)
+# fewer tasks share the rows, down to one task per thread.
+_PARTIAL_BYTES_BUDGET = 8 << 20
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the CPU kernels (numba's pool; n <= numba.config.NUMBA_NUM_THREADS)."""
+    numba.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return numba.get_num_threads()
+
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _gated(gate, up, code):
+    # Codes follow activations.ACTIVATIONS: silu, relu, drelu, gelu_tanh.
+    if code == 0:
+        return gate / (np.float32(1.0) + math.exp(-gate)) * up
+    if code == 1:
+        return max(gate, np.float32(0.0)) * up
+    if code == 2:
+        return max(gate, np.float32(0.0)) * max(up, np.float32(0.0))
+    inner = np.float32(0.7978845608028654) * (gate + np.float32(0.044715) * gate * gate * gate)
+    return np.float32(0.5) * gate * (np.float32(1.0) + math.tanh(inner)) * up
+
+
+def _as_float32_row(row, scratch_bits, scratch):
+    """A float32 view of one weight row; int16 rows (bfloat16 bits) are widened into scratch."""
+
+
+@overload(_as_float32_row, inline="always")
+def _as_float32_row_impl(row, scratch_bits, scratch):
+    # Chosen at compile time from the weight dtype, so float32 rows cost nothing.
+    if row.dtype == types.float32:
+        return lambda row, scratch_bits, scratch: row
+
+    def widen(row, scratch_bits, scratch):
+        for i in range(row.shape[0]):
+            scratch_bits[i] = np.uint32(np.uint16(row[i])) << np.uint32(16)
+        return scratch
+
+    return widen
+
+
+@njit(**_JIT)
+def _gate_up_kernel(x, w_gate, w_up, idx, code, n_tasks, out):
+    n_tokens, d = x.shape
+    k = idx.shape[0]
+    for task in prange(n_tasks):
+        # Scratch rows for bfloat16 widening (unused for float32 weights).
+        gate_bits = np.empty(d, np.uint32)
+        up_bits = np.empty(d, np.uint32)
+        gate_scratch = gate_bits.view(np.float32)
+        up_scratch = up_bits.view(np.float32)
+        for j in range(task * k // n_tasks, (task + 1) * k // n_tasks):
+            gate_row = _as_float32_row(w_gate[idx[j]], gate_bits, gate_scratch)
+            up_row = _as_float32_row(w_up[idx[j]], up_bits, up_scratch)
+            for t in range(n_tokens):
+                x_t = x[t]
+                gate = np.float32(0.0)
+                up = np.float32(0.0)
+                for i in range(d):
+                    gate += x_t[i] * gate_row[i]
+                    up += x_t[i] * up_row[i]
+                out[t, j] = _gated(gate, up, code)
+
+
+@njit(**_JIT)
+def _down_kernel(h, w_down_t, idx, n_tasks, out):
+    n_tokens, k = h.shape
+    d = w_down_t.shape[1]
+    partial = np.zeros((n_tasks, n_tokens, d), np.float32)
+    for task in prange(n_tasks):
+        row_bits = np.empty(d, np.uint32)
+        row_scratch = row_bits.view(np.float32)
+        acc = partial[task]
+        for j in range(task * k // n_tasks, (task + 1) * k // n_tasks):
+            row = _as_float32_row(w_down_t[idx[j]], row_bits, row_scratch)
+            for t in range(n_tokens):
+                coeff = h[t, j]
+                acc_t = acc[t]
+                for c in range(d):
+                    acc_t[c] += coeff * row[c]
+    # Race-free reduction: each task owns a block of output columns.
+    n_blocks = (d + _REDUCE_COLUMNS - 1) // _REDUCE_COLUMNS
+    for block in prange(n_blocks):
+        lo = block * _REDUCE_COLUMNS
+        hi = min(lo + _REDUCE_COLUMNS, d)
+        out_block = out[:, lo:hi]
+        out_block[:] = partial[0, :, lo:hi]
+        for task in range(1, n_tasks):
+            out_block += partial[task, :, lo:hi]
+
+
+def _weight_array(w: torch.Tensor) -> np.ndarray:
+    w = w.detach().contiguous()
+    if w.dtype == torch.bfloat16:
+        return w.view(torch.int16).numpy()
+    return w.numpy()
+
+
+def _float32_array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def _index_array(idx: torch.Tensor, n_rows: int) -> np.ndarray:
+    idx_np = idx.detach().to(torch.int64).contiguous().numpy()
+    # The kernels do no bounds checks; a bad index would read arbitrary memory.
+    if idx_np.size and (idx_np.min() < 0 or idx_np.max() >= n_rows):
+        raise IndexError(f"active neuron ids must lie in [0, {n_rows})")
+    return idx_np
+
+
+def _output(out: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32)
+    if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError("out must be a contiguous float32 CPU tensor")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
+    return out
+
+
+def sparse_gate_up(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    activation: str,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """h[T, k] = act(x @ w_gate[idx]^T) * (x @ w_up[idx]^T); float32 or bfloat16 weights."""
+    code = activation_code(activation)
+    idx_np = _index_array(idx, w_gate.shape[0])
+    out = _output(out, (x.shape[0], idx_np.shape[0]))
+    n_tasks = max(1, min(idx_np.shape[0], _TASKS_PER_THREAD * numba.get_num_threads()))
+    _gate_up_kernel(
+        _float32_array(x), _weight_array(w_gate), _weight_array(w_up), idx_np, code, n_tasks, out.numpy()
+    )
+    return out
+
+
+def sparse_down(
+    h: torch.Tensor,
+    w_down_t: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y[T, d] = h @ w_down_t[idx]; float32 or bfloat16 weights."""
+    idx_np = _index_array(idx, w_down_t.shape[0])
+    n_tokens, d = h.shape[0], w_down_t.shape[1]
+    out = _output(out, (n_tokens, d))
+    threads = numba.get_num_threads()
+    affordable = _PARTIAL_BYTES_BUDGET // max(1, 4 * n_tokens * d)
+    n_tasks = max(1, min(idx_np.shape[0], _TASKS_PER_THREAD * threads, max(threads, affordable)))
+    _down_kernel(_float32_array(h), _weight_array(w_down_t), idx_np, n_tasks, out.numpy())
+    return out

@@ -1,0 +1,50 @@
+"""Static key/value cache, allocated once (as in gpt-fast), so that decoding is shape-static.
+
+Keys and values of every layer live in `[batch, kv_heads, max_seq_len, head_dim]` buffers written in
+place at the token positions. Attention reads the first `window` slots: the generation loop shrinks the
+window to the filled prefix in eager mode (less to read), and keeps it at `max_seq_len` when a decode step
+is captured in a CUDA graph (shapes must not change between replays).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
+                 max_seq_len: int, dtype: torch.dtype, device: torch.device | str,
+                 sliding_window: int | None = None):
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_seq_len = max_seq_len
+        self.sliding_window = sliding_window
+        self.window = max_seq_len
+        self._slots = torch.arange(max_seq_len, device=device)
+
+    @classmethod
+    def for_model(cls, args, batch_size: int, max_seq_len: int, dtype, device) -> "KVCache":
+        return cls(args.num_hidden_layers, batch_size, args.num_key_value_heads, args.head_dim,
+                   max_seq_len, dtype, device, args.sliding_window)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def set_window(self, length: int) -> None:
+        """Attend over slots [0, length) only; `length` must cover every position written so far."""
+        self.window = max(1, min(length, self.max_seq_len))
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.keys[layer].index_copy_(2, positions, k)
+        self.values[layer].index_copy_(2, positions, v)
+        return self.keys[layer][:, :, :self.window], self.values[layer][:, :, :self.window]
+
+    def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """[T, window] boolean mask: query at position p sees slots <= p (and > p - sliding_window)."""
+        slots = self._slots[:self.window]
+        mask = slots[None, :] <= positions[:, None]
+        if self.sliding_window:
+            mask &= slots[None, :] > positions[:, None] - self.sliding_window
+        return mask
