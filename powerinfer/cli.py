@@ -16,16 +16,24 @@ SUBCOMMANDS = {
     "generate": "generate",
     "chat": "chat",
     "inspect": "inspect",
+    "serve": "serve",
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from powerinfer import __version__
 
-    parser = argparse.ArgumentParser(prog="powerinfer", description=(
+    parser = _Parser(prog="powerinfer", description=(
         "Fast local LLM inference exploiting activation sparsity (PowerInfer)."))
     parser.add_argument("--version", action="version", version=f"powerinfer {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True, parser_class=_Parser)
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(f"powerinfer.commands.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from powerinfer.errors import ModelFormatError, PowerInferError
+from powerinfer.loading.artifact import ArtifactCheckpoint
 from powerinfer.loading.gguf_file import GGUFCheckpoint
 from powerinfer.loading.hf_dir import HFCheckpoint
 from powerinfer.loading.tokenizer import IncrementalDecoder, Tokenizer
@@ -42,11 +43,13 @@ def default_model_path() -> Path:
 
 
 def open_checkpoint(path: str | Path | None):
-    """A `GGUFCheckpoint` or `HFCheckpoint` for `path` (None: the default model)."""
+    """A `GGUFCheckpoint`, `HFCheckpoint` or `ArtifactCheckpoint` for `path` (None: the default model)."""
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise ModelFormatError(f"{path}: no such file or directory")
     if path.is_dir():
+        if (path / "manifest.json").exists():  # a `powerinfer build` artifact
+            return ArtifactCheckpoint(path)
         return HFCheckpoint(path)
     return GGUFCheckpoint(path)
 

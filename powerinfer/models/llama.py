@@ -76,8 +76,11 @@ class ModelArgs:
         """Build from a Hugging Face `config.json` dict; unknown keys are kept in `extra`."""
         known = {f.name for f in fields(cls)} - {"extra"}
         args = {k: v for k, v in config.items() if k in known}
-        if "rope_theta" not in args and isinstance(config.get("rope_parameters"), dict):
-            args["rope_theta"] = config["rope_parameters"].get("rope_theta", 10000.0)
+        rope = config.get("rope_parameters")  # transformers >= 5 spelling of rope_theta + rope_scaling
+        if isinstance(rope, dict):
+            args.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+            if _rope_type(rope) != "default" and not args.get("rope_scaling"):
+                args["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         return cls(**args, extra={k: v for k, v in config.items() if k not in known})
 
     def to_config(self) -> dict:
@@ -230,7 +233,13 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = angles.cos(), angles.sin()
-        mask = cache.attention_mask(positions) if cache is not None else None
+        if cache is not None:
+            mask = cache.attention_mask(positions)
+        elif self.args.sliding_window and tokens.shape[1] > self.args.sliding_window:
+            offset = positions[:, None] - positions[None, :]  # query minus key position
+            mask = (offset >= 0) & (offset < self.args.sliding_window)
+        else:
+            mask = None  # plain causal attention
         for layer in self.layers:
             x = layer(x, cos, sin, positions, cache, mask)
         if last_logits_only:
