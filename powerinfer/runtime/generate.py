@@ -66,9 +66,12 @@ class Generator:
         self.context = min(context or DEFAULT_CONTEXT, args.max_position_embeddings)
         if self.context < 2:
             raise PowerInferError(f"context must be at least 2 tokens, got {context}")
-        self.cache = KVCache.for_model(args, 1, self.context, loaded.dtype, self.device)
+        make_cache = getattr(self.model, "make_cache", None)  # executors place each layer's cache
+        self.cache = (make_cache(1, self.context) if make_cache else
+                      KVCache.for_model(args, 1, self.context, loaded.dtype, self.device))
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(args.eos_token_ids)
-        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        capturable = self.device.type == "cuda" and getattr(self.model, "supports_cuda_graphs", True)
+        self.use_graphs = capturable if cuda_graphs is None else cuda_graphs and capturable
         self._graph = None
 
     # -- model steps -------------------------------------------------------------------------
@@ -127,8 +130,11 @@ class Generator:
         return self.tokenizer.encode(prompt)
 
     def stream(self, prompt: str | list[int], max_tokens: int = 256, sampling: SamplingParams | None = None,
-               stop: list[str] | None = None, stats: GenerationStats | None = None) -> Iterator[Chunk]:
-        """Yield text chunks as tokens are generated; the last chunk carries `finish_reason`."""
+               stop: list[str] | None = None, stats: GenerationStats | None = None,
+               ignore_eos: bool = False) -> Iterator[Chunk]:
+        """Yield text chunks as tokens are generated; the last chunk carries `finish_reason`.
+
+        `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks)."""
         ids = self.encode_prompt(prompt)
         if not ids:
             raise PowerInferError("the prompt is empty")
@@ -151,9 +157,10 @@ class Generator:
         stats.prefill_s = time.perf_counter() - start
         decode_start = time.perf_counter()
         position = len(ids)
+        eos_ids = set() if ignore_eos else self.eos_ids
         while True:
             stats.generated_tokens += 1
-            if token_id in self.eos_ids:
+            if token_id in eos_ids:
                 stats.finish_reason = "stop"
                 break
             text, stopped = texts.push(decoder.push(token_id))
@@ -170,13 +177,13 @@ class Generator:
             token_id = int(token)
             position += 1
         stats.decode_s = time.perf_counter() - decode_start
-        if stats.finish_reason == "stop" and token_id in self.eos_ids:
+        if stats.finish_reason == "stop" and token_id in eos_ids:
             yield Chunk(texts.flush(), None, "stop")
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256, sampling: SamplingParams | None = None,
-                 stop: list[str] | None = None) -> Completion:
+                 stop: list[str] | None = None, ignore_eos: bool = False) -> Completion:
         stats = GenerationStats()
-        chunks = list(self.stream(prompt, max_tokens, sampling, stop, stats))
+        chunks = list(self.stream(prompt, max_tokens, sampling, stop, stats, ignore_eos))
         tokens = [c.token_id for c in chunks if c.token_id is not None]
         return Completion("".join(c.text for c in chunks), tokens, stats)
 

@@ -12,16 +12,20 @@ import torch
 
 
 class KVCache:
+    """`device` and `dtype` may be one value or one per layer (layers placed on different devices)."""
+
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
-                 max_seq_len: int, dtype: torch.dtype, device: torch.device | str,
-                 sliding_window: int | None = None):
+                 max_seq_len: int, dtype, device, sliding_window: int | None = None):
         shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        devices = device if isinstance(device, (list, tuple)) else [device] * num_layers
+        dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * num_layers
+        self.keys = [torch.zeros(shape, dtype=t, device=d) for t, d in zip(dtypes, devices)]
+        self.values = [torch.zeros(shape, dtype=t, device=d) for t, d in zip(dtypes, devices)]
         self.max_seq_len = max_seq_len
         self.sliding_window = sliding_window
         self.window = max_seq_len
-        self._slots = torch.arange(max_seq_len, device=device)
+        self._slots = torch.arange(max_seq_len)
+        self._slots_on: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
     def for_model(cls, args, batch_size: int, max_seq_len: int, dtype, device) -> "KVCache":
@@ -37,13 +41,18 @@ class KVCache:
         self.window = max(1, min(length, self.max_seq_len))
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if positions.device != k.device:
+            positions = positions.to(k.device)
         self.keys[layer].index_copy_(2, positions, k)
         self.values[layer].index_copy_(2, positions, v)
         return self.keys[layer][:, :, :self.window], self.values[layer][:, :, :self.window]
 
     def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
         """[T, window] boolean mask: query at position p sees slots <= p (and > p - sliding_window)."""
-        slots = self._slots[:self.window]
+        slots = self._slots_on.get(positions.device)
+        if slots is None:
+            slots = self._slots_on[positions.device] = self._slots.to(positions.device)
+        slots = slots[:self.window]
         mask = slots[None, :] <= positions[:, None]
         if self.sliding_window:
             mask &= slots[None, :] > positions[:, None] - self.sliding_window

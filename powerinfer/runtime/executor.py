@@ -1,0 +1,307 @@
+"""Hybrid CPU-GPU executor (PowerInfer, arXiv 2312.12456, §5 and §7).
+
+Each layer's FFN is split by rows in the artifact's hot-first neuron order: rows [0, n_hot) live on the hot
+device (the GPU), rows [n_hot, n_ff) in CPU memory. Per token the layer's predictor picks the active
+neurons; the hot device computes its active rows while the CPU computes the active cold rows with the
+neuron-aware operators of `powerinfer.kernels`, and the two partial outputs are summed on the hot device.
+Only activation vectors cross PCIe (through pinned buffers); weights move once, at load.
+
+One code path serves every mode, set by an `ExecutionPlan`:
+- `hybrid`: the artifact's placement (hot rows on the GPU, cold rows on the CPU);
+- `gpu`: every FFN row on the hot device, sparse; `cpu`: every row on the CPU, sparse;
+- `dense`: the plain model (see `build_executor`); `offload`: llama.cpp `-ngl` style, the first layers
+  whole and dense on the GPU, the rest dense on the CPU.
+The hot device is a parameter, so the split logic also runs (and is tested) with both halves on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from powerinfer import kernels
+from powerinfer.models.llama import ffn_activation
+
+MODES = ("hybrid", "gpu", "cpu", "dense", "offload")
+CPU = torch.device("cpu")
+
+
+@dataclass
+class LayerPlan:
+    attention_device: torch.device
+    n_hot: int  # FFN rows (hot-first order) on the hot device; the rest stay on the CPU
+    sparse: bool = True  # False: compute every row (dense), still split by n_hot
+
+
+@dataclass
+class ExecutionPlan:
+    mode: str
+    hot_device: torch.device
+    hot_dtype: torch.dtype
+    layers: list[LayerPlan]
+    embed_device: torch.device
+    head_device: torch.device
+
+    def device_dtype(self, device: torch.device) -> torch.dtype:
+        # CPU weights stay float32: the numba kernels have no float16 arithmetic
+        return self.hot_dtype if device == self.hot_device else torch.float32
+
+
+class NeuronCounts:
+    """Active neurons computed on each side, summed over layers and tokens (for the summary line).
+
+    The hot count accumulates in place on the hot device, so it costs no synchronisation and keeps
+    counting inside CUDA graph replays."""
+
+    def __init__(self, hot_device: torch.device):
+        self.hot = torch.zeros((), dtype=torch.int64, device=hot_device)
+        self.cold = 0
+
+    def shares(self) -> tuple[float, float]:
+        hot = int(self.hot)
+        total = hot + self.cold
+        return (hot / total, self.cold / total) if total else (0.0, 0.0)
+
+
+class OraclePredictor(nn.Module):
+    """The exact active set (h != 0) from the FFN's own gate/up rows: for tests and quality bounds."""
+
+    def __init__(self, gate_up: torch.Tensor, activation: str):
+        super().__init__()
+        self.register_buffer("gate_up", gate_up)
+        self.activation = activation
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ self.gate_up.T).chunk(2, dim=-1)
+        return ffn_activation(gate, up, self.activation) != 0
+
+
+class SplitFFN(nn.Module):
+    """One layer's FFN with rows split between the hot device and the CPU."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, activation: str, layer: LayerPlan,
+                 plan: ExecutionPlan, predictor: nn.Module | None, counts: NeuronCounts):
+        super().__init__()
+        n_ff = down.shape[1]
+        self.activation, self.n_hot, self.n_ff, self.sparse = activation, layer.n_hot, n_ff, layer.sparse
+        self.hot_device, self.counts = plan.hot_device, counts
+        gate, up, down_t = gate_up[:n_ff], gate_up[n_ff:], down.T
+        self.hot = self._rows(gate, up, down_t, 0, self.n_hot, plan.hot_device, plan.hot_dtype)
+        self.cold = self._rows(gate, up, down_t, self.n_hot, n_ff, CPU, torch.float32)
+        self.predictor = None
+        if self.sparse:
+            if predictor is None:
+                raise ValueError("a sparse FFN needs a predictor")
+            device = self.hot_device if self.n_hot else CPU
+            self._predictor_dtype = plan.device_dtype(device)
+            self.predictor = predictor.to(device, self._predictor_dtype)
+        self._hot_idx = self._hot_count = None
+        if self.sparse and self.n_hot and plan.hot_device.type == "cuda":
+            # static index/count buffers: the hot path has fixed shapes and can be captured in a CUDA graph
+            self._hot_idx = torch.zeros(self.n_hot, dtype=torch.int32, device=plan.hot_device)
+            self._hot_count = torch.zeros(1, dtype=torch.int32, device=plan.hot_device)
+        self._pinned: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _rows(gate, up, down_t, start, stop, device, dtype):
+        if stop <= start:
+            return None
+        return [t[start:stop].to(device=device, dtype=dtype).contiguous() for t in (gate, up, down_t)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, flat = x.shape, x.reshape(-1, x.shape[-1])
+        active = self._predict(flat) if self.sparse else None
+        cold_in = self._to_cpu(flat, active) if self.cold is not None else None  # queued before hot work
+        y = self._hot_forward(flat, active) if self.hot is not None else None
+        if cold_in is not None:
+            y = self._add_cold(y, *cold_in)
+        return y.to(device=x.device, dtype=x.dtype).reshape(shape)
+
+    def _predict(self, flat: torch.Tensor) -> torch.Tensor:
+        """[n_ff] bool on the predictor's device: the union of the tokens' predicted active sets."""
+        device = self.hot_device if self.n_hot else CPU
+        mask = self.predictor.predict(flat.to(device, self._predictor_dtype))
+        return mask.any(dim=0) if mask.shape[0] > 1 else mask[0]
+
+    def _to_cpu(self, flat, active):
+        """Start copying the cold part's inputs to pinned host memory; returns (x, mask, done-event)."""
+        if flat.device.type != "cuda" and (active is None or active.device.type != "cuda"):
+            return flat.float(), None if active is None else active[self.n_hot:], None
+        x_host = self._pinned_buffer("x", flat.shape, torch.float32)
+        x_host.copy_(flat, non_blocking=True)
+        mask_host = None
+        if active is not None:
+            mask_host = self._pinned_buffer("mask", (self.n_ff - self.n_hot,), torch.bool)
+            mask_host.copy_(active[self.n_hot:], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return x_host, mask_host, done
+
+    def _pinned_buffer(self, name, shape, dtype):
+        buf = self._pinned.get(name)
+        if buf is None or buf.numel() < torch.Size(shape).numel():
+            buf = self._pinned[name] = torch.empty(torch.Size(shape).numel(), dtype=dtype, pin_memory=True)
+        return buf[:torch.Size(shape).numel()].view(shape)
+
+    def _hot_forward(self, flat, active):
+        gate, up, down_t = self.hot
+        x = flat.to(device=self.hot_device, dtype=gate.dtype)
+        if active is None:
+            return self._dense_rows(x, gate, up, down_t, None)
+        mask = active[:self.n_hot]
+        if self._hot_idx is not None:
+            kernels.compact_active(mask, self._hot_idx, self._hot_count)
+            self.counts.hot.add_(self._hot_count[0])  # stays on the GPU: no sync
+            h = kernels.sparse_gate_up(x, gate, up, self._hot_idx, self.activation, count=self._hot_count)
+            return kernels.sparse_down(h, down_t, self._hot_idx, count=self._hot_count)
+        idx = mask.nonzero()[:, 0]
+        self.counts.hot.add_(idx.numel())
+        return self._sparse_rows(x, gate, up, down_t, idx, mask)
+
+    def _add_cold(self, y, x_host, mask_host, done):
+        if done is not None:
+            done.synchronize()  # waits for the predictor and the copies only, not the hot FFN
+        gate, up, down_t = self.cold
+        if mask_host is None:
+            y_cold = self._dense_rows(x_host, gate, up, down_t, None)
+        else:
+            idx = mask_host.nonzero()[:, 0]
+            self.counts.cold += idx.numel()
+            if idx.numel() == 0:  # nothing active on the CPU: the hot device never waits for it
+                return y if y is not None else x_host.new_zeros(x_host.shape)
+            y_cold = self._sparse_rows(x_host, gate, up, down_t, idx, mask_host)
+        if y is None:
+            return y_cold
+        if y.device.type == "cuda":
+            staged = self._pinned_buffer("y", y_cold.shape, torch.float32)
+            staged.copy_(y_cold)
+            return y + staged.to(y.device, non_blocking=True).to(y.dtype)
+        return y + y_cold.to(y.dtype)
+
+    def _sparse_rows(self, x, gate, up, down_t, idx, mask):
+        if kernels.should_use_dense(idx.numel(), gate.shape[0], x.shape[0]):
+            return self._dense_rows(x, gate, up, down_t, mask)
+        idx = idx.to(torch.int32)
+        return kernels.sparse_down(kernels.sparse_gate_up(x, gate, up, idx, self.activation), down_t, idx)
+
+    def _dense_rows(self, x, gate, up, down_t, mask):
+        h = ffn_activation(x @ gate.T, x @ up.T, self.activation)
+        if mask is not None:  # same result as the sparse operators over the same active set
+            h = h * mask.to(h.dtype)
+        return h @ down_t
+
+
+class HybridTransformer(nn.Module):
+    """Runs a loaded `Transformer`'s modules under an `ExecutionPlan`; same `forward` as the model."""
+
+    def __init__(self, model: nn.Module, plan: ExecutionPlan, predictors: list | None):
+        super().__init__()
+        self.args, self.plan = model.args, plan
+        self.counts = NeuronCounts(plan.hot_device)
+        self.embed_tokens = model.embed_tokens.to(plan.embed_device, plan.device_dtype(plan.embed_device))
+        self.norm = model.norm.to(plan.head_device, plan.device_dtype(plan.head_device))
+        self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False)
+        self.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().to(
+            plan.head_device, plan.device_dtype(plan.head_device)), requires_grad=False)
+        self.attention_layers = nn.ModuleList()
+        self.ffns = nn.ModuleList()
+        for i, (block, layer) in enumerate(zip(model.layers, plan.layers)):
+            dtype = plan.device_dtype(layer.attention_device)
+            for name in ("input_layernorm", "self_attn", "post_attention_layernorm"):
+                getattr(block, name).to(layer.attention_device, dtype)
+            mlp = block.mlp
+            self.ffns.append(SplitFFN(mlp.gate_up_proj.weight.detach(), mlp.down_proj.weight.detach(),
+                                      mlp.activation, layer, plan,
+                                      predictors[i] if predictors else None, self.counts))
+            block.mlp = nn.Identity()  # the split FFN replaces it; drop the dense copy
+            self.attention_layers.append(block)
+        self.inv_freq = model.inv_freq.to(CPU)
+        hot = plan.hot_device
+        # a step can be captured in a CUDA graph only if it never leaves the GPU
+        self.supports_cuda_graphs = hot.type == "cuda" and plan.embed_device == hot == plan.head_device and all(
+            layer.attention_device == hot and layer.n_hot == self.args.intermediate_size
+            for layer in plan.layers)
+
+    def make_cache(self, batch_size: int, max_seq_len: int):
+        from powerinfer.runtime.kv_cache import KVCache
+
+        devices = [layer.attention_device for layer in self.plan.layers]
+        return KVCache.for_model(self.args, batch_size, max_seq_len,
+                                 [self.plan.device_dtype(d) for d in devices], devices)
+
+    def forward(self, tokens, positions, cache=None, last_logits_only: bool = False):
+        x = self.embed_tokens(tokens.to(self.plan.embed_device))
+        per_device = {}
+        for block, ffn, layer in zip(self.attention_layers, self.ffns, self.plan.layers):
+            device = layer.attention_device
+            if device not in per_device:
+                pos = positions.to(device)
+                angles = pos.float()[:, None] * self.inv_freq.to(device)[None, :]
+                mask = cache.attention_mask(pos) if cache is not None else None
+                per_device[device] = (angles.cos(), angles.sin(), pos, mask)
+            cos, sin, pos, mask = per_device[device]
+            x = x.to(device, self.plan.device_dtype(device))
+            x = x + block.self_attn(block.input_layernorm(x), cos, sin, pos, cache, mask)
+            x = x + ffn(block.post_attention_layernorm(x))
+        if last_logits_only:
+            x = x[:, -1:]
+        x = x.to(self.plan.head_device, self.plan.device_dtype(self.plan.head_device))
+        return self.lm_head(self.norm(x)).float()
+
+
+def plan_for_mode(mode: str, args, hot_device, hot_dtype, placement: dict | None = None,
+                  offload_layers: int | None = None) -> ExecutionPlan:
+    """The `ExecutionPlan` of a mode; `hybrid` follows `placement` (the artifact's placement.json)."""
+    hot_device = torch.device(hot_device)
+    n_layers, n_ff = args.num_hidden_layers, args.intermediate_size
+    if mode == "gpu":
+        layers = [LayerPlan(hot_device, n_ff) for _ in range(n_layers)]
+        embed = head = hot_device
+    elif mode == "cpu":
+        layers = [LayerPlan(CPU, 0) for _ in range(n_layers)]
+        embed = head = CPU
+    elif mode == "hybrid":
+        if placement is None:
+            raise ValueError("hybrid mode needs a placement")
+        layers = [LayerPlan(hot_device if p.get("attention_on_gpu", True) else CPU, int(p["n_gpu_neurons"]))
+                  for p in placement["layers"]]
+        embed = hot_device if placement.get("embeddings_on_gpu", True) else CPU
+        head = hot_device if placement.get("lm_head_on_gpu", True) else CPU
+    elif mode == "offload":
+        k = n_layers if offload_layers is None else offload_layers
+        layers = [LayerPlan(hot_device if i < k else CPU, n_ff if i < k else 0, sparse=False)
+                  for i in range(n_layers)]
+        embed, head = CPU, (hot_device if k == n_layers else CPU)
+    else:
+        raise ValueError(f"unknown executor mode {mode!r} (choose from {', '.join(MODES)})")
+    return ExecutionPlan(mode, hot_device, hot_dtype, layers, embed, head)
+
+
+def offload_layers_for_budget(args, budget_bytes: int, context: int, dtype_bytes: int = 2) -> int:
+    """llama.cpp `-ngl` style: how many whole layers (weights + KV cache) fit the GPU budget after the
+    output head and a workspace reserve."""
+    d, n_ff, hd = args.hidden_size, args.intermediate_size, args.head_dim
+    attention = d * (args.num_attention_heads + 2 * args.num_key_value_heads) * hd + args.num_attention_heads * hd * d
+    per_layer = (attention + 3 * d * n_ff) * dtype_bytes + 2 * context * args.num_key_value_heads * hd * dtype_bytes
+    reserve = args.vocab_size * d * dtype_bytes + 64 * 2**20  # output head + activations/allocator slack
+    return max(0, min(args.num_hidden_layers, (budget_bytes - reserve) // per_layer))
+
+
+def build_executor(loaded, mode: str, hot_device="cuda", predictors: list | None = None,
+                   placement: dict | None = None, offload_layers: int | None = None, hot_dtype=None):
+    """A copy of `loaded` (a `LoadedModel`) whose model runs under `mode`."""
+    import dataclasses
+
+    if mode == "dense":
+        device = torch.device(hot_device)
+        dtype = hot_dtype or loaded.dtype
+        return dataclasses.replace(loaded, model=loaded.model.to(device, dtype), device=device, dtype=dtype)
+    hot_device = torch.device(hot_device)
+    hot_dtype = hot_dtype or (torch.float16 if hot_device.type == "cuda" else torch.float32)
+    plan = plan_for_mode(mode, loaded.args, hot_device, hot_dtype, placement, offload_layers)
+    if mode != "offload" and predictors is None:
+        raise ValueError(f"{mode} mode needs predictors (build an artifact with `powerinfer build`)")
+    model = HybridTransformer(loaded.model, plan, predictors if mode != "offload" else None)
+    return dataclasses.replace(loaded, model=model, device=plan.head_device, dtype=hot_dtype)

@@ -1,0 +1,112 @@
+"""The hybrid executor: every mode against the dense engine, with an oracle active set (PowerInfer §5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_files import write_hf_model
+from powerinfer.loading import load_model
+from powerinfer.models.llama import ModelArgs, Transformer, to_hf_weights
+from powerinfer.runtime import Generator, SamplingParams
+from powerinfer.runtime.executor import OraclePredictor, build_executor
+
+GREEDY = SamplingParams(temperature=0)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def _relu_model(tmp_path, activation):
+    args = ModelArgs(vocab_size=260, hidden_size=64, intermediate_size=203, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                     hidden_act=activation, bos_token_id=256, eos_token_id=257)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    with torch.no_grad():  # negative gate bias through a constant-ish direction: most neurons inactive
+        for block in model.layers:
+            block.mlp.gate_up_proj.weight.mul_(3.0)
+    return write_hf_model(tmp_path / activation, args.to_config(), to_hf_weights(model.state_dict(), args))
+
+def _oracles(loaded):
+    return [OraclePredictor(b.mlp.gate_up_proj.weight.detach().clone(), b.mlp.activation)
+            for b in loaded.model.layers]
+
+def _placement(n_layers, n_hot):
+    return {"layers": [{"n_gpu_neurons": n, "attention_on_gpu": True} for n in n_hot]}
+
+@pytest.fixture(scope="module", params=["relu", "drelu"])
+def relu_model(request, tmp_path_factory):
+    return _relu_model(tmp_path_factory.mktemp("m"), request.param)
+
+def _logits(loaded, ids):
+    with torch.inference_mode():
+        gen = Generator(loaded, context=64)
+        prefill = gen.prefill(ids[:7])
+        steps = [gen.decode_step(torch.tensor([t]), 7 + i) for i, t in enumerate(ids[7:])]
+    return torch.cat([prefill] + steps)
+
+@pytest.mark.parametrize("mode,n_hot", [("cpu", None), ("hybrid", [0, 50, 203]), ("hybrid", [101, 7, 1]),
+                                        ("gpu", None)])
+def test_sparse_modes_with_oracle_equal_dense(relu_model, mode, n_hot):
+    dense = load_model(relu_model)
+    ids = torch.randint(0, 256, (20,)).tolist()
+    want = _logits(dense, ids)
+    loaded = load_model(relu_model)
+    placement = _placement(3, n_hot) if n_hot else None
+    run = build_executor(loaded, mode, hot_device="cpu", predictors=_oracles(loaded), placement=placement)
+    got = _logits(run, ids)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    hot, cold = run.model.counts.shares()
+    assert abs(hot + cold - 1) < 1e-9
+    if mode == "cpu":
+        assert cold == 1.0
+    if mode == "gpu":
+        assert hot == 1.0
+
+def test_hybrid_on_cpu_generates_the_same_tokens_as_cpu_mode(relu_model):
+    prompt = [256, 5, 6, 7, 8]
+    outs = []
+    for mode, placement in (("cpu", None), ("hybrid", _placement(3, [60, 120, 180]))):
+        loaded = load_model(relu_model)
+        run = build_executor(loaded, mode, hot_device="cpu", predictors=_oracles(loaded), placement=placement)
+        outs.append(Generator(run, context=64).generate(prompt, max_tokens=24, sampling=GREEDY,
+                                                        ignore_eos=True).tokens)
+    assert outs[0] == outs[1]
+
+def test_skipped_neurons_change_the_output(relu_model):
+    """Guard against a vacuous oracle test: a predictor that misses active neurons must show up."""
+    loaded = load_model(relu_model)
+    oracles = _oracles(loaded)
+
+    class Lossy(torch.nn.Module):
+        def __init__(self, oracle):
+            super().__init__()
+            self.oracle = oracle
+
+        def predict(self, x):
+            mask = self.oracle.predict(x)
+            return mask & (torch.arange(mask.shape[-1]) % 2 == 0)
+
+    ids = torch.randint(0, 256, (12,)).tolist()
+    want = _logits(load_model(relu_model), ids)
+    got = _logits(build_executor(loaded, "cpu", "cpu", [Lossy(o) for o in oracles]), ids)
+    assert (got - want).abs().max() > 1e-3
+
+@pytest.mark.parametrize("layers_on_hot", [0, 2, 3])
+def test_offload_mode_equals_dense(relu_model, layers_on_hot):
+    ids = torch.randint(0, 256, (15,)).tolist()
+    want = _logits(load_model(relu_model), ids)
+    run = build_executor(load_model(relu_model), "offload", "cpu", offload_layers=layers_on_hot)
+    torch.testing.assert_close(_logits(run, ids), want, atol=2e-5, rtol=1e-5)
+
+def test_modes_need_predictors(relu_model):
+    with pytest.raises(ValueError, match="predictors"):
+        build_executor(load_model(relu_model), "cpu", "cpu")
+
+@cuda
+@pytest.mark.parametrize("mode", ["gpu", "hybrid"])
+def test_cuda_modes_match_dense(relu_model, mode):
+    ids = torch.randint(0, 256, (20,)).tolist()
+    want = _logits(load_model(relu_model), ids)
+    loaded = load_model(relu_model)
+    placement = _placement(3, [100, 50, 203])
+    run = build_executor(loaded, mode, "cuda", _oracles(loaded), placement, hot_dtype=torch.float32)
+    torch.testing.assert_close(_logits(run, ids).cpu(), want, atol=1e-3, rtol=1e-3)
