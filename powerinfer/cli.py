@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "chat": "chat",
     "inspect": "inspect",
     "serve": "serve",
+    "serve": "serve",
 }
 
 
