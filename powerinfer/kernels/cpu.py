@@ -18,11 +18,16 @@ weights arrive as their raw int16 bit patterns (half the bytes to stream) and ar
 widened to float32 in a per-thread scratch row: a bfloat16 is the upper half of a
 float32. Activations, accumulation and outputs are float32.
 
-Every kernel is compiled for one signature (C-contiguous float32 2-D ``x``/``h``/``out``,
-int64 indices, float32 or int16 weights) to keep JIT time low; the wrappers below
-normalise their inputs to it. Loops index slices that start at 0: numba cannot prove
-that ``range(lo, hi)`` indices are non-negative and then skips vectorisation because of
+Each kernel compiles one signature per weight dtype (C-contiguous float32 2-D
+``x``/``h``/``out``, int64 indices) to keep JIT time low; the wrappers normalise their
+inputs to it. Loops index slices that start at 0: numba cannot prove that
+``range(lo, hi)`` indices are non-negative and then skips vectorisation because of
 negative-index wraparound.
+
+Threads: numba's OpenMP pool and torch's are separate libgomp instances. With libgomp's
+default spin-waiting they steal each other's cores whenever calls alternate (measured
+3-10x slower kernels on 2 cores), so the process should start with
+OMP_WAIT_POLICY=PASSIVE in its environment, set before torch is imported.
 """
 
 import math
@@ -42,6 +47,8 @@ _JIT = dict(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
 
 # Output columns reduced per task in the partial-sum pass (1 KiB of float32).
 _REDUCE_COLUMNS = 256
+# Rows of w_down_t combined per accumulator pass (the loop in _down_kernel is unrolled for 4).
+_DOWN_ROWS = 4
 # Work items per thread: >1 evens out the load when threads run at different speeds.
 _TASKS_PER_THREAD = 4
 # Upper bound on the private partial sums of sparse_down; beyond it (long prompts)
@@ -52,10 +59,6 @@ _PARTIAL_BYTES_BUDGET = 8 << 20
 def set_num_threads(n: int) -> None:
     """Threads used by the CPU kernels (numba's pool; n <= numba.config.NUMBA_NUM_THREADS)."""
     numba.set_num_threads(n)
-
-
-def get_num_threads() -> int:
-    return numba.get_num_threads()
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
@@ -118,16 +121,31 @@ def _down_kernel(h, w_down_t, idx, n_tasks, out):
     d = w_down_t.shape[1]
     partial = np.zeros((n_tasks, n_tokens, d), np.float32)
     for task in prange(n_tasks):
-        row_bits = np.empty(d, np.uint32)
-        row_scratch = row_bits.view(np.float32)
+        rows_bits = np.empty((_DOWN_ROWS, d), np.uint32)
+        rows_scratch = rows_bits.view(np.float32)
         acc = partial[task]
-        for j in range(task * k // n_tasks, (task + 1) * k // n_tasks):
-            row = _as_float32_row(w_down_t[idx[j]], row_bits, row_scratch)
+        j = task * k // n_tasks
+        stop = (task + 1) * k // n_tasks
+        # Four rows per pass: one load/store of the accumulator per four FMAs.
+        while j + _DOWN_ROWS <= stop:
+            r0 = _as_float32_row(w_down_t[idx[j]], rows_bits[0], rows_scratch[0])
+            r1 = _as_float32_row(w_down_t[idx[j + 1]], rows_bits[1], rows_scratch[1])
+            r2 = _as_float32_row(w_down_t[idx[j + 2]], rows_bits[2], rows_scratch[2])
+            r3 = _as_float32_row(w_down_t[idx[j + 3]], rows_bits[3], rows_scratch[3])
+            for t in range(n_tokens):
+                c0, c1, c2, c3 = h[t, j], h[t, j + 1], h[t, j + 2], h[t, j + 3]
+                acc_t = acc[t]
+                for c in range(d):
+                    acc_t[c] += c0 * r0[c] + c1 * r1[c] + c2 * r2[c] + c3 * r3[c]
+            j += _DOWN_ROWS
+        while j < stop:
+            row = _as_float32_row(w_down_t[idx[j]], rows_bits[0], rows_scratch[0])
             for t in range(n_tokens):
                 coeff = h[t, j]
                 acc_t = acc[t]
                 for c in range(d):
                     acc_t[c] += coeff * row[c]
+            j += 1
     # Race-free reduction: each task owns a block of output columns.
     n_blocks = (d + _REDUCE_COLUMNS - 1) // _REDUCE_COLUMNS
     for block in prange(n_blocks):
@@ -140,7 +158,10 @@ def _down_kernel(h, w_down_t, idx, n_tasks, out):
 
 
 def _weight_array(w: torch.Tensor) -> np.ndarray:
-    w = w.detach().contiguous()
+    # A silent .contiguous() here would copy the whole matrix on every call.
+    if not w.is_contiguous():
+        raise ValueError("weights must be contiguous [n_ff, d] tensors (one row per neuron)")
+    w = w.detach()
     if w.dtype == torch.bfloat16:
         return w.view(torch.int16).numpy()
     return w.numpy()

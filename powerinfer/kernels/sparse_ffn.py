@@ -1,0 +1,264 @@
+"""Neuron-aware sparse FFN operators: plain-PyTorch references and dispatchers.
+
+Follows PowerInfer (Song et al. 2023, arXiv 2312.12456), §5 "Neuron-aware Sparse
+Operators": with ReLU-family FFNs most neurons are inactive for a token, so the
+operators compute only the rows of the active neurons, given as a list of neuron ids,
+instead of multiplying by the full weight matrices.
+
+For one LLaMA FFN with weights laid out one contiguous row per neuron
+(``w_gate``, ``w_up``, ``w_down_t``: [n_ff, d], ``w_down_t`` = Wd transposed):
+
+    h = sparse_gate_up(x, w_gate, w_up, idx, activation)   # [T, k]
+    y = sparse_down(h, w_down_t, idx)                       # [T, d]
+
+equals the dense FFN whenever every neuron outside ``idx`` has h = 0.
+
+Each operator comes as a reference (``*_reference``), fast kernels
+(``cpu.py``: numba; ``triton_gpu.py``: Triton, imported only for CUDA tensors) and a
+dispatcher choosing by device and dtype (see ``select_backend``); ``use_kernel=False``
+forces the reference, ``True`` demands a kernel.
+
+Fixed-capacity form (``count=``): ``idx`` is then a buffer of capacity ``cap`` of which
+only the first ``count`` entries (a 1-element integer tensor, on the device for CUDA)
+are active; ``h`` is [T, cap] with zeros past ``count``. On CUDA nothing in it depends
+on ``count`` at launch time, so a decode step using it can be captured in a CUDA graph.
+"""
+
+import functools
+import importlib.util
+from types import ModuleType
+
+import torch
+
+from powerinfer.kernels.activations import ACTIVATIONS, activation_code, gated_activation
+
+try:
+    from powerinfer.kernels import cpu as _cpu_kernels
+except ImportError:  # numba not installed
+    _cpu_kernels = None
+
+# Dense-vs-sparse crossover on the CPU, as the active fraction k / n_ff at which the dense
+# FFN (three torch matmuls over all rows) becomes as fast as sparse_gate_up + sparse_down.
+# Measured with benchmarks/bench_kernels.py --crossover: LLaMA-7B FFN shapes, float32,
+# silu, sorted random active sets, densities 0.05..1.0, medians of 7 runs (3 at T=1..64).
+# On this 2-core AMD EPYC VM (numba 0.68, torch 2.13, other jobs sharing the cores, so
+# +-0.1): T=1: 0.8, T=4 and T=16: sparse faster even at 1.0 (torch's small-batch
+# matmuls are slow here), T=64: 0.6. On a quiet 16-core Xeon (H100 host): T=1 and T=4:
+# about 1.0, T=16: 0.8, T=64: 0.3-0.4. Up to DECODE_LIKE_MAX_TOKENS tokens the sparse
+# kernels stay bandwidth-bound; beyond, dense matmuls gain arithmetic efficiency.
+DENSE_CROSSOVER_FRACTION_DECODE = 0.8
+DENSE_CROSSOVER_FRACTION_PREFILL = 0.6
+DECODE_LIKE_MAX_TOKENS = 16
+
+_CPU_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+_triton_kernels: ModuleType | None = None
+
+
+def should_use_dense(k: int, n_ff: int, n_tokens: int) -> bool:
+    """Whether a dense FFN beats the sparse operators for k active of n_ff neurons."""
+    if n_tokens <= DECODE_LIKE_MAX_TOKENS:
+        return k >= DENSE_CROSSOVER_FRACTION_DECODE * n_ff
+    return k >= DENSE_CROSSOVER_FRACTION_PREFILL * n_ff
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def _triton() -> ModuleType:
+    global _triton_kernels
+    if _triton_kernels is None:
+        from powerinfer.kernels import triton_gpu
+
+        _triton_kernels = triton_gpu
+    return _triton_kernels
+
+
+def select_backend(
+    activations: torch.Tensor, *weights: torch.Tensor, use_kernel: bool | None = None
+) -> str:
+    """'triton', 'numba' or 'reference' for these operands.
+
+    CUDA tensors go to Triton; CPU float32 activations with float32 or bfloat16 weights
+    go to numba; anything else (float16 on the CPU, numba or Triton missing) to the
+    reference. ``use_kernel=False`` forces the reference; ``True`` raises instead of
+    falling back.
+    """
+    if use_kernel is False:
+        return "reference"
+    device = activations.device
+    if device.type == "cuda" and _triton_available():
+        return "triton"
+    if (
+        device.type == "cpu"
+        and _cpu_kernels is not None
+        and activations.dtype == torch.float32
+        and all(w.device.type == "cpu" and w.dtype in _CPU_WEIGHT_DTYPES for w in weights)
+    ):
+        return "numba"
+    if use_kernel:
+        dtypes = [activations.dtype, *(w.dtype for w in weights)]
+        raise RuntimeError(f"no fast kernel for {device.type} tensors of dtypes {dtypes}")
+    return "reference"
+
+
+def _check_operands(acts: torch.Tensor, weights: tuple[torch.Tensor, ...], idx: torch.Tensor, width: int):
+    """acts must be [T, width]; weights share one [n_ff, d] shape; idx is 1-D integer."""
+    if acts.dim() != 2 or acts.shape[1] != width:
+        raise ValueError(f"expected a [T, {width}] input, got shape {tuple(acts.shape)}")
+    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise ValueError("idx must be a 1-D integer tensor of neuron ids")
+    for w in weights:
+        if w.dim() != 2 or w.shape != weights[0].shape:
+            raise ValueError("weights must share one [n_ff, d] shape")
+
+
+def _count_value(count: torch.Tensor | int, capacity: int) -> int:
+    # int() of a CUDA tensor synchronises; only the reference and CPU paths call this.
+    return max(0, min(int(count), capacity))
+
+
+def sparse_gate_up_reference(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    activation: str,
+    *,
+    count: torch.Tensor | int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """h[T, k] = act(x @ w_gate[idx]^T) * (x @ w_up[idx]^T), computed in x's dtype."""
+    activation_code(activation)
+    capacity = idx.shape[0]
+    active = capacity if count is None else _count_value(count, capacity)
+    rows = idx[:active].to(device=w_gate.device, dtype=torch.long)
+    gate = x @ w_gate.index_select(0, rows).to(x.dtype).T
+    up = x @ w_up.index_select(0, rows).to(x.dtype).T
+    h = gated_activation(gate, up, activation)
+    if active < capacity:
+        h = torch.cat([h, h.new_zeros(x.shape[0], capacity - active)], dim=1)
+    if out is None:
+        return h
+    return out.copy_(h)
+
+
+def sparse_down_reference(
+    h: torch.Tensor,
+    w_down_t: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    count: torch.Tensor | int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y[T, d] = h @ w_down_t[idx] (only the first ``count`` ids when given), in h's dtype."""
+    active = idx.shape[0] if count is None else _count_value(count, idx.shape[0])
+    rows = idx[:active].to(device=w_down_t.device, dtype=torch.long)
+    y = h[:, :active] @ w_down_t.index_select(0, rows).to(h.dtype)
+    if out is None:
+        return y
+    return out.copy_(y)
+
+
+def sparse_gate_up(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    activation: str,
+    *,
+    count: torch.Tensor | int | None = None,
+    out: torch.Tensor | None = None,
+    use_kernel: bool | None = None,
+) -> torch.Tensor:
+    """Fused act(x @ w_gate[idx]^T) * (x @ w_up[idx]^T) -> [T, len(idx)].
+
+    Each active row is read once and used for all T tokens. ``count`` selects the
+    fixed-capacity form (module docstring); ``out`` is an optional preallocated result.
+    """
+    _check_operands(x, (w_gate, w_up), idx, w_gate.shape[1])
+    backend = select_backend(x, w_gate, w_up, use_kernel=use_kernel)
+    if backend == "triton":
+        return _triton().sparse_gate_up(x, w_gate, w_up, idx, activation, count=count, out=out)
+    if backend == "reference":
+        return sparse_gate_up_reference(x, w_gate, w_up, idx, activation, count=count, out=out)
+    if count is None:
+        return _cpu_kernels.sparse_gate_up(x, w_gate, w_up, idx, activation, out=out)
+    active = _count_value(count, idx.shape[0])
+    h = _cpu_kernels.sparse_gate_up(x, w_gate, w_up, idx[:active], activation)
+    out = h.new_empty(x.shape[0], idx.shape[0]) if out is None else out
+    out[:, :active] = h
+    out[:, active:] = 0
+    return out
+
+
+def sparse_down(
+    h: torch.Tensor,
+    w_down_t: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    count: torch.Tensor | int | None = None,
+    out: torch.Tensor | None = None,
+    use_kernel: bool | None = None,
+) -> torch.Tensor:
+    """y[T, d] = sum_j h[:, j] * w_down_t[idx[j]]: an AXPY over the active rows.
+
+    Race-free: the CPU kernel sums per-thread partials, the GPU kernel per-program partials.
+    """
+    _check_operands(h, (w_down_t,), idx, idx.shape[0])
+    backend = select_backend(h, w_down_t, use_kernel=use_kernel)
+    if backend == "triton":
+        return _triton().sparse_down(h, w_down_t, idx, count=count, out=out)
+    if backend == "reference":
+        return sparse_down_reference(h, w_down_t, idx, count=count, out=out)
+    if count is None:
+        return _cpu_kernels.sparse_down(h, w_down_t, idx, out=out)
+    active = _count_value(count, idx.shape[0])
+    return _cpu_kernels.sparse_down(h[:, :active], w_down_t, idx[:active], out=out)
+
+
+def compact_active_reference(mask: torch.Tensor, idx_out: torch.Tensor, count_out: torch.Tensor) -> None:
+    """idx_out[:count] = ids of the nonzero mask entries (ascending); count_out[0] = count."""
+    ids = mask.nonzero().flatten()
+    idx_out[: ids.numel()] = ids.to(idx_out.dtype)
+    count_out.fill_(ids.numel())
+
+
+def compact_active(
+    mask: torch.Tensor, idx_out: torch.Tensor, count_out: torch.Tensor, *, use_kernel: bool | None = None
+) -> None:
+    """Fill a fixed-capacity id buffer and its count from a per-neuron mask (predictor output).
+
+    On CUDA a single Triton kernel with a static launch shape, so a decode step can go from
+    the predictor's mask to sparse_gate_up/sparse_down(count=...) inside one CUDA graph
+    (idx_out and count_out int32 there).
+    """
+    if mask.dim() != 1 or idx_out.dim() != 1 or idx_out.numel() < mask.numel():
+        raise ValueError("mask must be 1-D and idx_out at least as long")
+    if select_backend(mask, use_kernel=use_kernel) == "triton":
+        _triton().compact_active(mask, idx_out, count_out)
+    else:
+        compact_active_reference(mask, idx_out, count_out)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for the CPU kernels (the runtime's --threads); no-op without numba."""
+    if _cpu_kernels is not None:
+        _cpu_kernels.set_num_threads(n)
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "compact_active",
+    "compact_active_reference",
+    "DENSE_CROSSOVER_FRACTION_DECODE",
+    "DENSE_CROSSOVER_FRACTION_PREFILL",
+    "select_backend",
+    "set_num_threads",
+    "should_use_dense",
+    "sparse_down",
+    "sparse_down_reference",
+    "sparse_gate_up",
+    "sparse_gate_up_reference",
+]

@@ -1,0 +1,308 @@
+"""Sparse FFN kernels against their plain-PyTorch references (odd sizes, odd active sets)."""
+
+import math
+
+import pytest
+import torch
+
+from powerinfer.kernels import sparse_ffn
+from powerinfer.kernels.activations import ACTIVATIONS
+from powerinfer.kernels.sparse_ffn import (
+    compact_active,
+    select_backend,
+    should_use_dense,
+    sparse_down,
+    sparse_down_reference,
+    sparse_gate_up,
+    sparse_gate_up_reference,
+)
+
+D, N_FF = 37, 101
+# float32 results of the kernels differ from torch's only in summation order.
+F32_TOL = dict(rtol=1e-5, atol=1e-5)
+# Norm-relative error bounds on the GPU, by weight dtype (METHOD: fp32 ~1e-6, 16-bit
+# operands and outputs 1e-3..1e-2).
+GPU_REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+needs_numba = pytest.mark.skipif(sparse_ffn._cpu_kernels is None, reason="numba not installed")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+
+def active_sets(n_ff: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    subset = torch.randperm(n_ff, generator=generator)[: n_ff // 3]
+    return {
+        "empty": torch.empty(0, dtype=torch.long),
+        "one": torch.tensor([n_ff - 1]),
+        "all_permuted": torch.randperm(n_ff, generator=generator),
+        "unsorted": subset,
+        "sorted_int32": subset.sort().values.to(torch.int32),
+    }
+
+
+SET_NAMES = list(active_sets(N_FF, torch.Generator().manual_seed(0)))
+
+
+def make_ffn(d, n_ff, n_tokens, seed, dtype=torch.float32, device="cpu"):
+    """Random x [T, d] and weights scaled so that dot products are O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tokens, d, generator=g)
+    weights = [torch.randn(n_ff, d, generator=g) / math.sqrt(d) for _ in range(3)]
+    return x.to(device), [w.to(dtype=dtype, device=device) for w in weights]
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------- CPU (numba) kernels
+
+
+@needs_numba
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("set_name", SET_NAMES)
+@pytest.mark.parametrize("n_tokens", [1, 3])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cpu_gate_up_matches_reference(activation, n_tokens, set_name, weight_dtype):
+    x, (w_gate, w_up, _) = make_ffn(D, N_FF, n_tokens, seed=n_tokens, dtype=weight_dtype)
+    idx = active_sets(N_FF, torch.Generator().manual_seed(7))[set_name]
+    out = torch.full((n_tokens, idx.shape[0]), float("nan"))
+    h = sparse_gate_up(x, w_gate, w_up, idx, activation, out=out, use_kernel=True)
+    assert h is out
+    torch.testing.assert_close(h, sparse_gate_up_reference(x, w_gate, w_up, idx, activation), **F32_TOL)
+
+
+@needs_numba
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("set_name", SET_NAMES)
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_cpu_down_matches_reference(n_tokens, set_name, weight_dtype):
+    _, (_, _, w_down_t) = make_ffn(D, N_FF, n_tokens, seed=11, dtype=weight_dtype)
+    idx = active_sets(N_FF, torch.Generator().manual_seed(3))[set_name]
+    h = torch.randn(n_tokens, idx.shape[0], generator=torch.Generator().manual_seed(5))
+    out = torch.full((n_tokens, D), float("nan"))
+    y = sparse_down(h, w_down_t, idx, out=out, use_kernel=True)
+    assert y is out
+    torch.testing.assert_close(y, sparse_down_reference(h, w_down_t, idx), **F32_TOL)
+
+
+@needs_numba
+def test_cpu_down_many_threads_worth_of_rows():
+    # More rows than tasks, so several partial sums are reduced.
+    _, (_, _, w_down_t) = make_ffn(257, 1001, 2, seed=2)
+    idx = torch.randperm(1001)[:700]
+    h = torch.randn(2, 700)
+    torch.testing.assert_close(sparse_down(h, w_down_t, idx), sparse_down_reference(h, w_down_t, idx), **F32_TOL)
+
+
+@needs_numba
+def test_cpu_rejects_out_of_range_ids_and_strided_weights():
+    x, (w_gate, w_up, _) = make_ffn(D, N_FF, 1, seed=0)
+    with pytest.raises(IndexError):
+        sparse_gate_up(x, w_gate, w_up, torch.tensor([0, N_FF]), "relu", use_kernel=True)
+    column_major = torch.randn(D, N_FF).T
+    with pytest.raises(ValueError):
+        sparse_gate_up(x, column_major, w_up, torch.tensor([0]), "relu", use_kernel=True)
+
+
+@pytest.mark.parametrize("use_kernel", [None, False])
+def test_count_form_on_cpu(use_kernel):
+    x, (w_gate, w_up, w_down_t) = make_ffn(D, N_FF, 3, seed=4)
+    buffer = torch.randperm(N_FF).to(torch.int32)
+    count = torch.tensor([17], dtype=torch.int32)
+    h_out = torch.full((3, N_FF), float("nan"))
+    h = sparse_gate_up(x, w_gate, w_up, buffer, "silu", count=count, out=h_out, use_kernel=use_kernel)
+    torch.testing.assert_close(h[:, :17], sparse_gate_up_reference(x, w_gate, w_up, buffer[:17], "silu"), **F32_TOL)
+    assert torch.all(h[:, 17:] == 0)
+    y = sparse_down(h, w_down_t, buffer, count=count, use_kernel=use_kernel)
+    torch.testing.assert_close(y, sparse_down_reference(h[:, :17], w_down_t, buffer[:17]), **F32_TOL)
+
+
+def test_compact_active_on_cpu():
+    mask = torch.rand(N_FF, generator=torch.Generator().manual_seed(2)) < 0.3
+    buffer = torch.full((N_FF,), -1, dtype=torch.int32)
+    count = torch.full((1,), -1, dtype=torch.int32)
+    compact_active(mask, buffer, count)
+    assert int(count) == int(mask.sum())
+    assert torch.equal(buffer[: int(count)].long(), mask.nonzero().flatten())
+
+
+def test_reference_equals_dense_ffn_when_all_inactive_neurons_are_zero():
+    x, (w_gate, w_up, w_down_t) = make_ffn(D, N_FF, 3, seed=9)
+    dense_h = torch.relu(x @ w_gate.T) * (x @ w_up.T)
+    idx = (dense_h != 0).any(dim=0).nonzero().flatten()
+    h = sparse_gate_up_reference(x, w_gate, w_up, idx, "relu")
+    torch.testing.assert_close(sparse_down_reference(h, w_down_t, idx), dense_h @ w_down_t, **F32_TOL)
+
+
+# ---------------------------------------------------------------- dispatcher
+
+
+@needs_numba
+def test_backend_selection_on_cpu(monkeypatch):
+    f32 = torch.zeros(2, 3)
+    assert select_backend(f32, f32) == "numba"
+    assert select_backend(f32, f32.bfloat16()) == "numba"  # bfloat16 weights: widened in-kernel
+    assert select_backend(f32.half(), f32.half()) == "reference"
+    assert select_backend(f32.bfloat16(), f32.bfloat16()) == "reference"
+    assert select_backend(f32, f32, use_kernel=False) == "reference"
+    with pytest.raises(RuntimeError):
+        select_backend(f32.half(), f32.half(), use_kernel=True)
+    monkeypatch.setattr(sparse_ffn, "_cpu_kernels", None)
+    assert select_backend(f32, f32) == "reference"
+
+
+@needs_numba
+def test_dispatcher_calls_the_selected_implementation(monkeypatch):
+    x, (w_gate, w_up, w_down_t) = make_ffn(D, N_FF, 1, seed=1)
+    idx = torch.arange(5)
+    calls = []
+    monkeypatch.setattr(sparse_ffn._cpu_kernels, "sparse_gate_up", lambda *a, **k: calls.append("numba"))
+    monkeypatch.setattr(sparse_ffn, "sparse_gate_up_reference", lambda *a, **k: calls.append("reference"))
+    sparse_gate_up(x, w_gate, w_up, idx, "relu")
+    sparse_gate_up(x, w_gate, w_up, idx, "relu", use_kernel=False)
+    sparse_gate_up(x.half(), w_gate.half(), w_up.half(), idx, "relu")
+    assert calls == ["numba", "reference", "reference"]
+
+
+def test_reference_fallback_for_half_precision_on_cpu():
+    x, (w_gate, w_up, w_down_t) = make_ffn(D, N_FF, 2, seed=3, dtype=torch.float16)
+    idx = torch.tensor([4, 0, 99])
+    h = sparse_gate_up(x.half(), w_gate, w_up, idx, "gelu_tanh")
+    assert h.dtype == torch.float16 and h.shape == (2, 3)
+    assert sparse_down(h, w_down_t, idx).shape == (2, D)
+
+
+def test_invalid_arguments():
+    x, (w_gate, w_up, _) = make_ffn(D, N_FF, 1, seed=0)
+    with pytest.raises(ValueError):
+        sparse_gate_up(x, w_gate, w_up, torch.arange(3), "swish")
+    with pytest.raises(ValueError):
+        sparse_gate_up(x[0], w_gate, w_up, torch.arange(3), "relu")
+    with pytest.raises(ValueError):
+        sparse_gate_up(x, w_gate, w_up, torch.ones(3, dtype=torch.bool), "relu")
+
+
+def test_should_use_dense():
+    assert not should_use_dense(100, 10_000, 1)
+    assert should_use_dense(10_000, 10_000, 1)
+    assert should_use_dense(10_000, 10_000, 512)
+    # Prefill batches switch to dense at a lower active fraction than single tokens.
+    k = int(0.5 * (sparse_ffn.DENSE_CROSSOVER_FRACTION_DECODE + sparse_ffn.DENSE_CROSSOVER_FRACTION_PREFILL) * 10_000)
+    assert should_use_dense(k, 10_000, 512) and not should_use_dense(k, 10_000, 1)
+
+
+# ---------------------------------------------------------------- CUDA (Triton) kernels
+
+GPU_SHAPES = [(D, N_FF), (1031, 2003)]  # the second spans several d blocks and down splits
+GPU_CASES = [  # (activation, dtype, n_tokens): every activation once, every dtype and token path
+    *((act, torch.bfloat16, t) for act in ACTIVATIONS for t in (1, 3)),
+    *(("silu", dtype, t) for dtype in (torch.float16, torch.float32) for t in (1, 3)),
+    ("silu", torch.bfloat16, 70),
+]
+
+
+def gpu_ffn(d, n_ff, n_tokens, dtype, seed):
+    x, weights = make_ffn(d, n_ff, n_tokens, seed, dtype=dtype, device="cuda")
+    return x.to(dtype), weights
+
+
+def check_gpu_ffn(x, w_gate, w_up, w_down_t, idx, activation, h, y, count=None):
+    """h and y (kernel outputs for the first `count` ids of idx) against the fp32 reference."""
+    tol = GPU_REL_TOL[w_gate.dtype]
+    active = idx.shape[0] if count is None else int(count)
+    if active == 0:
+        assert torch.all(h == 0) and torch.all(y == 0)
+        return
+    ids = idx[:active]
+    h_ref = sparse_gate_up_reference(x.float(), w_gate.float(), w_up.float(), ids, activation)
+    assert rel_error(h[:, :active], h_ref) < tol
+    assert torch.all(h[:, active:] == 0)
+    assert rel_error(y, sparse_down_reference(h[:, :active].float(), w_down_t.float(), ids)) < tol
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize(("activation", "dtype", "n_tokens"), GPU_CASES)
+def test_triton_id_list_matches_reference(activation, dtype, n_tokens, shape):
+    d, n_ff = shape
+    x, (w_gate, w_up, w_down_t) = gpu_ffn(d, n_ff, n_tokens, dtype, seed=d + n_tokens)
+    for idx in active_sets(n_ff, torch.Generator().manual_seed(n_tokens)).values():
+        idx = idx.cuda()
+        h_out = torch.full((n_tokens, idx.shape[0]), float("nan"), dtype=dtype, device="cuda")
+        y_out = torch.full((n_tokens, d), float("nan"), dtype=dtype, device="cuda")
+        h = sparse_gate_up(x, w_gate, w_up, idx, activation, out=h_out, use_kernel=True)
+        y = sparse_down(h, w_down_t, idx, out=y_out, use_kernel=True)
+        assert h is h_out and y is y_out
+        check_gpu_ffn(x, w_gate, w_up, w_down_t, idx, activation, h, y)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("n_tokens", [1, 3])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_triton_id_buffer_with_device_count(shape, n_tokens):
+    d, n_ff = shape
+    x, (w_gate, w_up, w_down_t) = gpu_ffn(d, n_ff, n_tokens, torch.bfloat16, seed=5)
+    g = torch.Generator().manual_seed(n_tokens)
+    for density in (0.0, 1 / n_ff, 0.1, 1.0):
+        mask = (torch.rand(n_ff, generator=g) < density).cuda()
+        buffer = torch.full((n_ff,), -1, dtype=torch.int32, device="cuda")  # garbage past count
+        count = torch.full((1,), -1, dtype=torch.int32, device="cuda")
+        compact_active(mask, buffer, count, use_kernel=True)
+        h = torch.full((n_tokens, n_ff), float("nan"), dtype=torch.bfloat16, device="cuda")
+        y = torch.full((n_tokens, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+        sparse_gate_up(x, w_gate, w_up, buffer, "relu", count=count, out=h)
+        sparse_down(h, w_down_t, buffer, count=count, out=y)
+        check_gpu_ffn(x, w_gate, w_up, w_down_t, buffer, "relu", h, y, count=count)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("n", [1, 101, 2003, 40_000])  # 40_000: the prefix count loops
+def test_triton_compact_active_matches_nonzero(n):
+    for density in (0.0, 0.07, 1.0):
+        mask = torch.rand(n, device="cuda") < density
+        buffer = torch.full((n,), -1, dtype=torch.int32, device="cuda")
+        count = torch.full((1,), -1, dtype=torch.int32, device="cuda")
+        compact_active(mask, buffer, count, use_kernel=True)
+        assert int(count) == int(mask.sum())
+        assert torch.equal(buffer[: int(count)].long(), mask.nonzero().flatten())
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_triton_decode_step_replays_in_a_cuda_graph():
+    d, n_ff = 1031, 2003
+    x, (w_gate, w_up, w_down_t) = gpu_ffn(d, n_ff, 1, torch.float16, seed=8)
+    mask = torch.zeros(n_ff, dtype=torch.bool, device="cuda")
+    buffer = torch.zeros(n_ff, dtype=torch.int32, device="cuda")
+    count = torch.zeros(1, dtype=torch.int32, device="cuda")
+    h = torch.empty((1, n_ff), dtype=torch.float16, device="cuda")
+    y = torch.empty((1, d), dtype=torch.float16, device="cuda")
+
+    def step():
+        compact_active(mask, buffer, count)
+        sparse_gate_up(x, w_gate, w_up, buffer, "silu", count=count, out=h)
+        sparse_down(h, w_down_t, buffer, count=count, out=y)
+
+    mask.copy_(torch.rand(n_ff, device="cuda") < 0.5)
+    step()  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for density in (0.02, 0.3, 0.0, 0.9):
+        mask.copy_(torch.rand(n_ff, device="cuda") < density)
+        graph.replay()
+        torch.cuda.synchronize()
+        check_gpu_ffn(x, w_gate, w_up, w_down_t, buffer, "silu", h, y, count=count)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_backend_selection_on_cuda():
+    t = torch.zeros(2, 3, device="cuda", dtype=torch.bfloat16)
+    assert select_backend(t, t) == "triton"
+    assert select_backend(t, t, use_kernel=False) == "reference"
