@@ -110,3 +110,34 @@ def test_cuda_modes_match_dense(relu_model, mode):
     placement = _placement(3, [100, 50, 203])
     run = build_executor(loaded, mode, "cuda", _oracles(loaded), placement, hot_dtype=torch.float32)
     torch.testing.assert_close(_logits(run, ids).cpu(), want, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["exact-sparse-down", "predictor", "dense"])
+@pytest.mark.parametrize("n_hot", [0, 70, 203])
+def test_split_ffn_strategies_match_their_definition(strategy, n_hot):
+    """One token through a SiLU FFN: h restricted to the strategy's rows (always-active rows kept)."""
+    from powerinfer.models.llama import ffn_activation
+    from powerinfer.runtime.executor import CPU, ExecutionPlan, LayerPlan, NeuronCounts, SplitFFN
+
+    torch.manual_seed(3)
+    d, n_ff = 64, 203
+    gate_up, down = torch.randn(2 * n_ff, d) / 8, torch.randn(d, n_ff) / 8
+    x = torch.randn(1, d)
+    h = ffn_activation(*(x @ gate_up.T).chunk(2, dim=-1), "silu")
+    threshold = h.abs().median().item()
+    predicted = torch.rand(n_ff) < 0.3
+
+    class Fixed(torch.nn.Module):
+        def predict(self, inp):
+            return predicted.clone()[None].expand(inp.shape[0], -1)
+
+    keep = {"exact-sparse-down": h[0].abs() > threshold, "predictor": predicted.clone(),
+            "dense": torch.ones(n_ff, dtype=torch.bool)}[strategy]
+    keep[:5] = True  # n_always_active
+    want = (h * keep) @ down.T
+    plan = ExecutionPlan("hybrid", CPU, torch.float32, [], CPU, CPU)
+    layer = LayerPlan(CPU, n_hot, strategy, threshold, n_always_active=5)
+    ffn = SplitFFN(gate_up, down, "silu", layer, plan, Fixed(), NeuronCounts(CPU))
+    torch.testing.assert_close(ffn(x[None])[0], want, atol=1e-5, rtol=1e-5)
+    if strategy != "dense":
+        assert int(ffn.counts.hot) + ffn.counts.cold == int(keep.sum())

@@ -28,11 +28,21 @@ MODES = ("hybrid", "gpu", "cpu", "dense", "offload")
 CPU = torch.device("cpu")
 
 
+STRATEGIES = ("predictor", "exact-sparse-down", "dense")
+
+
 @dataclass
 class LayerPlan:
+    """Where one layer runs and how its FFN picks neurons (the artifact's `strategy`, docs/ARTIFACT.md):
+    `predictor` computes the predicted-active rows; `exact-sparse-down` computes gate/up densely and only
+    the down rows with |h| > `h_threshold`; `dense` computes every row. The first `n_always_active`
+    (hot-first order) rows are always computed."""
+
     attention_device: torch.device
     n_hot: int  # FFN rows (hot-first order) on the hot device; the rest stay on the CPU
-    sparse: bool = True  # False: compute every row (dense), still split by n_hot
+    strategy: str = "predictor"
+    h_threshold: float = 0.0
+    n_always_active: int = 0
 
 
 @dataclass
@@ -85,20 +95,22 @@ class SplitFFN(nn.Module):
                  plan: ExecutionPlan, predictor: nn.Module | None, counts: NeuronCounts):
         super().__init__()
         n_ff = down.shape[1]
-        self.activation, self.n_hot, self.n_ff, self.sparse = activation, layer.n_hot, n_ff, layer.sparse
+        if layer.strategy not in STRATEGIES:
+            raise ValueError(f"unknown FFN strategy {layer.strategy!r}")
+        self.activation, self.n_hot, self.n_ff, self.layer = activation, layer.n_hot, n_ff, layer
         self.hot_device, self.counts = plan.hot_device, counts
         gate, up, down_t = gate_up[:n_ff], gate_up[n_ff:], down.T
         self.hot = self._rows(gate, up, down_t, 0, self.n_hot, plan.hot_device, plan.hot_dtype)
         self.cold = self._rows(gate, up, down_t, self.n_hot, n_ff, CPU, torch.float32)
         self.predictor = None
-        if self.sparse:
+        if layer.strategy == "predictor":
             if predictor is None:
-                raise ValueError("a sparse FFN needs a predictor")
+                raise ValueError("the predictor strategy needs a predictor")
             device = self.hot_device if self.n_hot else CPU
             self._predictor_dtype = plan.device_dtype(device)
             self.predictor = predictor.to(device, self._predictor_dtype)
         self._hot_idx = self._hot_count = None
-        if self.sparse and self.n_hot and plan.hot_device.type == "cuda":
+        if layer.strategy != "dense" and self.n_hot and plan.hot_device.type == "cuda":
             # static index/count buffers: the hot path has fixed shapes and can be captured in a CUDA graph
             self._hot_idx = torch.zeros(self.n_hot, dtype=torch.int32, device=plan.hot_device)
             self._hot_count = torch.zeros(1, dtype=torch.int32, device=plan.hot_device)
@@ -112,7 +124,7 @@ class SplitFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, flat = x.shape, x.reshape(-1, x.shape[-1])
-        active = self._predict(flat) if self.sparse else None
+        active = self._predict(flat) if self.predictor is not None else None
         cold_in = self._to_cpu(flat, active) if self.cold is not None else None  # queued before hot work
         y = self._hot_forward(flat, active) if self.hot is not None else None
         if cold_in is not None:
@@ -123,7 +135,15 @@ class SplitFFN(nn.Module):
         """[n_ff] bool on the predictor's device: the union of the tokens' predicted active sets."""
         device = self.hot_device if self.n_hot else CPU
         mask = self.predictor.predict(flat.to(device, self._predictor_dtype))
-        return mask.any(dim=0) if mask.shape[0] > 1 else mask[0]
+        mask = mask.any(dim=0) if mask.shape[0] > 1 else mask[0]
+        mask[:self.layer.n_always_active] = True
+        return mask
+
+    def _keep(self, h: torch.Tensor, first_row: int) -> torch.Tensor:
+        """exact-sparse-down: the rows (of a side starting at `first_row`) whose |h| passes the threshold."""
+        keep = (h.abs() > self.layer.h_threshold).any(dim=0)
+        keep[:max(0, self.layer.n_always_active - first_row)] = True
+        return keep
 
     def _to_cpu(self, flat, active):
         """Start copying the cold part's inputs to pinned host memory; returns (x, mask, done-event)."""
@@ -148,30 +168,45 @@ class SplitFFN(nn.Module):
     def _hot_forward(self, flat, active):
         gate, up, down_t = self.hot
         x = flat.to(device=self.hot_device, dtype=gate.dtype)
-        if active is None:
-            return self._dense_rows(x, gate, up, down_t, None)
-        mask = active[:self.n_hot]
-        if self._hot_idx is not None:
-            kernels.compact_active(mask, self._hot_idx, self._hot_count)
-            self.counts.hot.add_(self._hot_count[0])  # stays on the GPU: no sync
-            h = kernels.sparse_gate_up(x, gate, up, self._hot_idx, self.activation, count=self._hot_count)
-            return kernels.sparse_down(h, down_t, self._hot_idx, count=self._hot_count)
-        idx = mask.nonzero()[:, 0]
-        self.counts.hot.add_(idx.numel())
-        return self._sparse_rows(x, gate, up, down_t, idx, mask)
+        strategy = self.layer.strategy
+        if strategy == "dense":
+            return _dense_rows(x, gate, up, down_t, self.activation, None)
+        h = None
+        if strategy == "exact-sparse-down":
+            h = ffn_activation(x @ gate.T, x @ up.T, self.activation)
+            mask = self._keep(h, 0)
+        else:
+            mask = active[:self.n_hot]
+        if self._hot_idx is None:
+            idx = mask.nonzero()[:, 0]
+            self.counts.hot.add_(idx.numel())
+            return self._rows_forward(x, h, gate, up, down_t, idx, mask)
+        idx, count = self._hot_idx, self._hot_count
+        kernels.compact_active(mask, idx, count)
+        self.counts.hot.add_(count[0])  # stays on the GPU: no sync
+        if h is None:
+            h = kernels.sparse_gate_up(x, gate, up, idx, self.activation, count=count)
+        else:
+            h = h.index_select(1, idx)  # slots past `count` hold stale ids; sparse_down ignores them
+        return kernels.sparse_down(h, down_t, idx, count=count)
 
     def _add_cold(self, y, x_host, mask_host, done):
         if done is not None:
             done.synchronize()  # waits for the predictor and the copies only, not the hot FFN
         gate, up, down_t = self.cold
-        if mask_host is None:
-            y_cold = self._dense_rows(x_host, gate, up, down_t, None)
+        strategy = self.layer.strategy
+        if strategy == "dense":
+            y_cold = _dense_rows(x_host, gate, up, down_t, self.activation, None)
         else:
+            h = None
+            if strategy == "exact-sparse-down":
+                h = ffn_activation(x_host @ gate.T, x_host @ up.T, self.activation)
+                mask_host = self._keep(h, self.n_hot)
             idx = mask_host.nonzero()[:, 0]
             self.counts.cold += idx.numel()
             if idx.numel() == 0:  # nothing active on the CPU: the hot device never waits for it
                 return y if y is not None else x_host.new_zeros(x_host.shape)
-            y_cold = self._sparse_rows(x_host, gate, up, down_t, idx, mask_host)
+            y_cold = self._rows_forward(x_host, h, gate, up, down_t, idx, mask_host)
         if y is None:
             return y_cold
         if y.device.type == "cuda":
@@ -180,23 +215,28 @@ class SplitFFN(nn.Module):
             return y + staged.to(y.device, non_blocking=True).to(y.dtype)
         return y + y_cold.to(y.dtype)
 
-    def _sparse_rows(self, x, gate, up, down_t, idx, mask):
+    def _rows_forward(self, x, h, gate, up, down_t, idx, mask):
+        """The FFN over the rows in `idx` (`h`: precomputed activations of every row, or None)."""
         if kernels.should_use_dense(idx.numel(), gate.shape[0], x.shape[0]):
-            return self._dense_rows(x, gate, up, down_t, mask)
-        idx = idx.to(torch.int32)
-        return kernels.sparse_down(kernels.sparse_gate_up(x, gate, up, idx, self.activation), down_t, idx)
+            if h is None:
+                return _dense_rows(x, gate, up, down_t, self.activation, mask)
+            return (h * mask.to(h.dtype)) @ down_t
+        idx32 = idx.to(torch.int32)
+        h = kernels.sparse_gate_up(x, gate, up, idx32, self.activation) if h is None else h[:, idx].contiguous()
+        return kernels.sparse_down(h, down_t, idx32)
 
-    def _dense_rows(self, x, gate, up, down_t, mask):
-        h = ffn_activation(x @ gate.T, x @ up.T, self.activation)
-        if mask is not None:  # same result as the sparse operators over the same active set
-            h = h * mask.to(h.dtype)
-        return h @ down_t
+
+def _dense_rows(x, gate, up, down_t, activation, mask):
+    h = ffn_activation(x @ gate.T, x @ up.T, activation)
+    if mask is not None:  # same result as the sparse operators over the same active set
+        h = h * mask.to(h.dtype)
+    return h @ down_t
 
 
 class HybridTransformer(nn.Module):
     """Runs a loaded `Transformer`'s modules under an `ExecutionPlan`; same `forward` as the model."""
 
-    def __init__(self, model: nn.Module, plan: ExecutionPlan, predictors: list | None):
+    def __init__(self, model: nn.Module, plan: ExecutionPlan, predictors: list | None = None):
         super().__init__()
         self.args, self.plan = model.args, plan
         self.counts = NeuronCounts(plan.hot_device)
@@ -252,27 +292,35 @@ class HybridTransformer(nn.Module):
 
 
 def plan_for_mode(mode: str, args, hot_device, hot_dtype, placement: dict | None = None,
-                  offload_layers: int | None = None) -> ExecutionPlan:
-    """The `ExecutionPlan` of a mode; `hybrid` follows `placement` (the artifact's placement.json)."""
+                  offload_layers: int | None = None, strategy: str = "predictor",
+                  layer_params: list[dict] | None = None) -> ExecutionPlan:
+    """The `ExecutionPlan` of a mode. `hybrid` follows `placement` (the artifact's placement.json);
+    `strategy` and `layer_params` (per layer `h_threshold`, `n_always_active`) come from its manifest."""
     hot_device = torch.device(hot_device)
     n_layers, n_ff = args.num_hidden_layers, args.intermediate_size
+    params = layer_params or [{}] * n_layers
+
+    def layer(i, device, n_hot, layer_strategy=strategy):
+        p = params[i]
+        return LayerPlan(device, n_hot, layer_strategy, float(p.get("h_threshold") or 0.0),
+                         int(p.get("n_always_active") or 0))
+
     if mode == "gpu":
-        layers = [LayerPlan(hot_device, n_ff) for _ in range(n_layers)]
+        layers = [layer(i, hot_device, n_ff) for i in range(n_layers)]
         embed = head = hot_device
     elif mode == "cpu":
-        layers = [LayerPlan(CPU, 0) for _ in range(n_layers)]
+        layers = [layer(i, CPU, 0) for i in range(n_layers)]
         embed = head = CPU
     elif mode == "hybrid":
         if placement is None:
             raise ValueError("hybrid mode needs a placement")
-        layers = [LayerPlan(hot_device if p.get("attention_on_gpu", True) else CPU, int(p["n_gpu_neurons"]))
-                  for p in placement["layers"]]
+        layers = [layer(i, hot_device if p.get("attention_on_gpu", True) else CPU, int(p["n_gpu_neurons"]))
+                  for i, p in enumerate(placement["layers"])]
         embed = hot_device if placement.get("embeddings_on_gpu", True) else CPU
         head = hot_device if placement.get("lm_head_on_gpu", True) else CPU
     elif mode == "offload":
         k = n_layers if offload_layers is None else offload_layers
-        layers = [LayerPlan(hot_device if i < k else CPU, n_ff if i < k else 0, sparse=False)
-                  for i in range(n_layers)]
+        layers = [layer(i, hot_device if i < k else CPU, n_ff if i < k else 0, "dense") for i in range(n_layers)]
         embed, head = CPU, (hot_device if k == n_layers else CPU)
     else:
         raise ValueError(f"unknown executor mode {mode!r} (choose from {', '.join(MODES)})")
@@ -290,8 +338,9 @@ def offload_layers_for_budget(args, budget_bytes: int, context: int, dtype_bytes
 
 
 def build_executor(loaded, mode: str, hot_device="cuda", predictors: list | None = None,
-                   placement: dict | None = None, offload_layers: int | None = None, hot_dtype=None):
-    """A copy of `loaded` (a `LoadedModel`) whose model runs under `mode`."""
+                   placement: dict | None = None, offload_layers: int | None = None, hot_dtype=None,
+                   strategy: str = "predictor", layer_params: list[dict] | None = None):
+    """A copy of `loaded` (a `LoadedModel`) whose model runs under `mode` (its model is consumed)."""
     import dataclasses
 
     if mode == "dense":
@@ -300,8 +349,9 @@ def build_executor(loaded, mode: str, hot_device="cuda", predictors: list | None
         return dataclasses.replace(loaded, model=loaded.model.to(device, dtype), device=device, dtype=dtype)
     hot_device = torch.device(hot_device)
     hot_dtype = hot_dtype or (torch.float16 if hot_device.type == "cuda" else torch.float32)
-    plan = plan_for_mode(mode, loaded.args, hot_device, hot_dtype, placement, offload_layers)
-    if mode != "offload" and predictors is None:
+    plan = plan_for_mode(mode, loaded.args, hot_device, hot_dtype, placement, offload_layers, strategy,
+                         layer_params)
+    if mode != "offload" and strategy == "predictor" and predictors is None:
         raise ValueError(f"{mode} mode needs predictors (build an artifact with `powerinfer build`)")
-    model = HybridTransformer(loaded.model, plan, predictors if mode != "offload" else None)
+    model = HybridTransformer(loaded.model, plan, predictors if strategy == "predictor" else None)
     return dataclasses.replace(loaded, model=model, device=plan.head_device, dtype=hot_dtype)
