@@ -7,17 +7,18 @@
         print(chunk.text, end="", flush=True)
 """
 
-from powerinfer.errors import PowerInferError
-from powerinfer.loading import load_model
-from powerinfer.runtime import Generator, SamplingParams
+import os
+
+# torch and numba each bring an OpenMP runtime; spinning idle threads of one steal the cores of the other
+# when dense torch ops and sparse numba kernels alternate (measured 3-10x slowdowns on 2 cores).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from powerinfer.api import load  # noqa: E402
+from powerinfer.errors import PowerInferError  # noqa: E402
+from powerinfer.loading import load_model  # noqa: E402
+from powerinfer.runtime import Generator, SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"
-
-
-def load(model=None, device: str = "cpu", dtype=None, context: int | None = None,
-         cuda_graphs: bool | None = None) -> Generator:
-    """Load a model (GGUF file or Hugging Face directory; None: the default model) ready to generate."""
-    return Generator(load_model(model, device=device, dtype=dtype), context=context, cuda_graphs=cuda_graphs)
 
 
 __all__ = ["load", "load_model", "Generator", "SamplingParams", "PowerInferError", "__version__"]

@@ -102,6 +102,7 @@ def test_modes_need_predictors(relu_model):
         build_executor(load_model(relu_model), "cpu", "cpu")
 
 @cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["gpu", "hybrid"])
 def test_cuda_modes_match_dense(relu_model, mode):
     ids = torch.randint(0, 256, (20,)).tolist()

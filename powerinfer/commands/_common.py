@@ -27,6 +27,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     value = non_negative_float(text)
     if not 0 < value <= 1:
@@ -43,6 +50,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=positive_int, default=None, help="context length (default: 2048)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="disable CUDA graph capture of decode")
+    p.add_argument("--mode", choices=["hybrid", "gpu", "cpu", "dense", "offload"], default=None,
+                   help="executor (default: an artifact runs hybrid on cuda, cpu otherwise; a plain model dense)")
+    p.add_argument("--vram-budget", type=positive_float, default=None, metavar="GiB",
+                   help="GPU memory for hybrid (re-plans the artifact) and offload")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
@@ -64,7 +75,11 @@ def load_generator(args):
 
     import powerinfer
 
+    from powerinfer import kernels
+
     if args.threads:
         torch.set_num_threads(args.threads)
+        kernels.set_num_threads(args.threads)
     return powerinfer.load(args.model, device=args.device, dtype=args.dtype, context=args.ctx,
-                           cuda_graphs=False if args.no_cuda_graphs else None)
+                           cuda_graphs=False if args.no_cuda_graphs else None, mode=args.mode,
+                           vram_budget=args.vram_budget)

@@ -58,5 +58,5 @@ def run(args) -> int:
         sys.stdout.flush()
         history.append({"role": "assistant", "content": "".join(reply)})
         if args.verbose:
-            print(summary_line(stats), file=sys.stderr)
+            print(summary_line(stats, generator), file=sys.stderr)
     return 0

@@ -28,11 +28,25 @@ def run(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    print(summary_line(stats), file=sys.stderr)
+    print(summary_line(stats, generator), file=sys.stderr)
     return 0
 
 
-def summary_line(stats: GenerationStats) -> str:
-    return (f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_tok_s:.1f} tok/s | "
+def summary_line(stats: GenerationStats, generator=None) -> str:
+    line = (f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_tok_s:.1f} tok/s | "
             f"decode: {stats.generated_tokens} tokens, {stats.decode_tok_s:.1f} tok/s | "
             f"finish: {stats.finish_reason}")
+    if generator is None:
+        return line
+    import torch
+
+    model = generator.model
+    plan = getattr(model, "plan", None)
+    line += f" | mode: {plan.mode if plan else 'dense'}"
+    if torch.cuda.is_available():
+        line += f" | VRAM: {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB"
+    counts = getattr(model, "counts", None)
+    if counts is not None:
+        hot, cold = counts.shares()
+        line += f" | active neurons: {hot:.0%} GPU, {cold:.0%} CPU"
+    return line
