@@ -1,0 +1,182 @@
+"""Adaptive activation predictors (PowerInfer §5.1; Deja Vu, Liu et al. 2023, arXiv 2310.17157).
+
+Per layer, an `ActivationPredictor` d -> r -> n_ff is trained with binary cross-entropy to predict the
+profiled active set from the FFN input. PowerInfer sizes each layer's predictor from its sparsity and
+skew; here the size comes from a measured cost instead: ranks from a ladder are tried smallest first,
+each with its decision threshold calibrated on held-out tokens so that it keeps `recall` of the truly
+active neurons, and the climb stops at the first rank whose expected per-token work — predictor weights
+plus the FFN rows of predicted-active neurons — does not beat the previous rank's. A sparse, skewed layer
+thus earns a larger predictor; a dense or unpredictable one keeps the smallest. No layer's predictor
+exceeds `max_fraction` (10%) of its FFN's parameters, so the total stays within that share too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from powerinfer.errors import PowerInferError
+from powerinfer.models.predictor import ActivationPredictor
+
+RANK_LADDER = (16, 32, 64, 128, 256, 512, 1024)
+RECALL_TARGETS = (0.99, 0.95)  # stricter operating points the build also measures
+HOLDOUT_FRACTION = 0.2
+MAX_POS_WEIGHT = 10.0
+
+
+def recall_targets(recall: float) -> list[float]:
+    """The operating points measured for a recall floor: `recall` and the stricter standard targets."""
+    return sorted({recall, *(t for t in RECALL_TARGETS if t >= recall)}, reverse=True)
+
+
+def predictor_parameters(d: int, rank: int, n_ff: int) -> int:
+    return rank * (d + n_ff) + n_ff
+
+
+@dataclass
+class LayerReport:
+    rank: int
+    recall: float  # on held-out tokens, at `threshold`
+    precision: float
+    predicted_sparsity: float
+    sparsity: float  # true sparsity of the held-out tokens
+    threshold: float
+    parameters: int
+    thresholds: dict = field(default_factory=dict)  # recall target -> logit threshold
+    tried: list = field(default_factory=list)  # per rank tried: rank, predicted_sparsity, cost
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items()}
+
+
+def calibrate_threshold(active_logits: torch.Tensor, recall: float) -> float:
+    """The largest logit threshold whose `logit > threshold` rule keeps at least `recall` of the actives."""
+    if active_logits.numel() == 0:
+        return 1e9  # never active on held-out tokens: predict never active
+    values = active_logits.float().cpu().sort().values
+    missed = math.floor((1.0 - recall) * values.numel())  # actives allowed below the threshold
+    return float(torch.nextafter(values[missed], torch.tensor(-math.inf)).item())
+
+
+def _metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: float) -> tuple[float, float, float]:
+    predicted = logits > threshold
+    true_positive = (predicted & labels).sum().item()
+    recall = true_positive / max(labels.sum().item(), 1)
+    precision = true_positive / max(predicted.sum().item(), 1)
+    return recall, precision, 1.0 - predicted.float().mean().item()
+
+
+def _train(inputs: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int, batch_size: int,
+           lr: float, seed: int) -> ActivationPredictor:
+    torch.manual_seed(seed)
+    n, d = inputs.shape
+    n_ff = labels.shape[1]
+    predictor = ActivationPredictor(d, rank, n_ff).to(inputs.device)
+    frequency = labels.float().mean(0).clamp(1e-4, 1 - 1e-4)
+    with torch.no_grad():  # start from each neuron's base rate
+        predictor.fc2.bias.copy_(torch.log(frequency / (1 - frequency)))
+    positives = labels.float().mean().clamp_min(1e-6)
+    # rare actives: weight them up (square root of the class ratio, capped) so that recall is learnable
+    pos_weight = ((1 - positives) / positives).sqrt().clamp(1.0, MAX_POS_WEIGHT)
+    optimizer = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * math.ceil(n / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator(inputs.device).manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=generator, device=inputs.device).split(batch_size):
+            loss = F.binary_cross_entropy_with_logits(predictor(inputs[idx]), labels[idx].float(),
+                                                      pos_weight=pos_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return predictor.eval()
+
+
+def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: float = 0.95,
+                          ladder=RANK_LADDER, max_fraction: float = 0.1, epochs: int = 20,
+                          batch_size: int = 256, lr: float = 1e-2, device="cpu", seed: int = 0
+                          ) -> tuple[ActivationPredictor, LayerReport]:
+    """Train one layer's predictor on (FFN input, active set) samples; see the module docstring."""
+    n, d = inputs.shape
+    n_ff = labels.shape[1]
+    if n < 10:
+        raise PowerInferError(f"only {n} profiled tokens per layer; profile more text to train predictors")
+    split = n - max(1, round(HOLDOUT_FRACTION * n))
+    x = inputs.to(device=device, dtype=torch.float32)
+    y = labels.to(device)
+    ffn_parameters = 3 * d * n_ff
+    budget = max_fraction * ffn_parameters
+    ranks = [r for r in ladder if predictor_parameters(d, r, n_ff) <= budget]
+    if not ranks:  # an FFN too small for the ladder: the largest rank within the budget
+        ranks = [max(1, int((budget - n_ff) // (d + n_ff)))]
+    best, tried = None, []
+    for rank in ranks:
+        predictor = _train(x[:split], y[:split], rank, epochs, batch_size, lr, seed)
+        with torch.no_grad():
+            logits = predictor(x[split:])
+        held_labels = y[split:]
+        threshold = calibrate_threshold(logits[held_labels], recall)
+        rec, prec, predicted_sparsity = _metrics(logits, held_labels, threshold)
+        parameters = predictor_parameters(d, rank, n_ff)
+        cost = parameters + (1 - predicted_sparsity) * ffn_parameters
+        tried.append({"rank": rank, "predicted_sparsity": predicted_sparsity, "cost": cost})
+        if best is not None and cost >= best[0]:
+            break
+        thresholds = {str(t): calibrate_threshold(logits[held_labels], t) for t in recall_targets(recall)}
+        report = LayerReport(rank, rec, prec, predicted_sparsity, 1 - held_labels.float().mean().item(),
+                             threshold, parameters, thresholds)
+        best = (cost, predictor, report)
+    _, predictor, report = best
+    report.tried = tried
+    predictor.threshold.fill_(report.threshold)
+    return predictor.cpu(), report
+
+
+def train_predictors(inputs: list[torch.Tensor], labels: list[torch.Tensor], recall: float = 0.95,
+                     max_fraction: float = 0.1, device="cpu", seed: int = 0, progress: bool = False,
+                     **kwargs) -> tuple[list[ActivationPredictor], list[LayerReport]]:
+    """One predictor per layer from the profile's samples."""
+    if not 0 < recall <= 1:
+        raise PowerInferError(f"--recall must be in (0, 1], got {recall}")
+    layers = range(len(inputs))
+    if progress:
+        from tqdm import tqdm
+        layers = tqdm(layers, desc="training predictors", unit="layer", leave=False)
+    predictors, reports = [], []
+    for i in layers:
+        predictor, report = train_layer_predictor(inputs[i], labels[i], recall, max_fraction=max_fraction,
+                                                  device=device, seed=seed + i, **kwargs)
+        predictors.append(predictor)
+        reports.append(report)
+    return predictors, reports
+
+
+def format_predictor_table(reports: list[LayerReport]) -> str:
+    lines = [f"{'layer':>5}  {'rank':>5}  {'recall':>6}  {'precision':>9}  {'pred. sparsity':>14}  {'sparsity':>8}"]
+    for i, r in enumerate(reports):
+        lines.append(f"{i:>5}  {r.rank:>5}  {r.recall:>6.3f}  {r.precision:>9.3f}  "
+                     f"{r.predicted_sparsity:>14.3f}  {r.sparsity:>8.3f}")
+    n = len(reports)
+    lines.append(f"{'mean':>5}  {'':>5}  {sum(r.recall for r in reports) / n:>6.3f}  "
+                 f"{sum(r.precision for r in reports) / n:>9.3f}  "
+                 f"{sum(r.predicted_sparsity for r in reports) / n:>14.3f}  {sum(r.sparsity for r in reports) / n:>8.3f}")
+    return "\n".join(lines)
+
+
+def save_predictors(predictors: list[ActivationPredictor], reports: list[LayerReport], directory: Path) -> None:
+    """predictors.safetensors (checkpoint neuron order) and predictors.json next to a profile."""
+    from safetensors.torch import save_file
+
+    from powerinfer.loading.artifact import write_json_atomic
+
+    tensors = {f"layers.{i}.{k}": v.detach().float().contiguous()
+               for i, p in enumerate(predictors) for k, v in p.state_dict().items()}
+    tmp = directory / ".predictors.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(directory / "predictors.safetensors")
+    write_json_atomic(directory / "predictors.json", {"layers": [r.to_json() for r in reports]})

@@ -1,0 +1,362 @@
+"""The offline pipeline: profiler, predictors, placement, artifact, evaluation (powerinfer.offline).
+
+Most tests run on a synthetic tiny ReLU model with planted activation frequencies (powerinfer.offline.synth),
+so that what the profiler and predictors should find is known; one runs the whole pipeline on the tiny
+trained ReLU model (fixture `tiny_relu_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from powerinfer.cli import main
+from powerinfer.errors import ModelFormatError, PowerInferError
+from powerinfer.loading import load_model, open_checkpoint
+from powerinfer.offline.placement import GiB, MiB, plan_placement, required_gpu_bytes
+from powerinfer.offline.profile import generate_calibration_tokens, profile_model, split_windows
+from powerinfer.offline.synth import make_synthetic_relu_model, planted_frequencies
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CALIBRATION = DATA_DIR / "wikitext2-valid.txt"
+EVALUATION = DATA_DIR / "wikitext2-test.txt"
+SPARSITY, SKEW = 0.9, 0.8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: one thread avoids OpenMP oversubscription on shared CI cores (10x slower when loaded)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return make_synthetic_relu_model("tiny", sparsity=SPARSITY, skew=SKEW, seed=0,
+                                     out_dir=tmp_path_factory.mktemp("synth") / "model")
+
+
+@pytest.fixture(scope="module")
+def planted(synth) -> list[torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(synth / "planted_frequencies.safetensors"))
+    return [tensors[f"layers.{i}.frequency"] for i in range(len(tensors))]
+
+
+@pytest.fixture(scope="module")
+def artifact(synth, tmp_path_factory) -> Path:
+    """Built with the defaults that matter (self-generated calibration text), float32 weights."""
+    out = tmp_path_factory.mktemp("artifact") / "synth.pi"
+    rc = main(["build", "--model", str(synth), "--vram-budget", "0.008", "--ctx", "256", "--tokens", "4096",
+               "--holdout-tokens", "1024", "--weights-dtype", "float32", "--device", "cpu", "-o", str(out)])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifest(artifact) -> dict:
+    return json.loads((artifact / "manifest.json").read_text())
+
+
+def _copy(artifact: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(artifact, tmp_path / "copy.pi"))
+
+
+# -- synthetic model -------------------------------------------------------------------------------------
+
+def test_planted_frequencies_follow_the_target_profile():
+    f = planted_frequencies(1000, SPARSITY, SKEW)
+    assert f.mean().item() == pytest.approx(1 - SPARSITY, abs=1e-3)
+    assert (f[:200].sum() / f.sum()).item() == pytest.approx(SKEW, abs=1e-3)
+    assert torch.all(f[:-1] >= f[1:])
+    with pytest.raises(PowerInferError, match="not reachable"):
+        planted_frequencies(1000, 0.5, 0.95)
+
+
+def test_synthetic_model_is_labelled_and_loads(synth):
+    config = json.loads((synth / "config.json").read_text())
+    assert config["powerinfer_synthetic"] is True and config["hidden_act"] == "relu"
+    loaded = load_model(synth)
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("héllo")) == "héllo"
+
+
+# -- profiler ---------------------------------------------------------------------------------------------
+
+def test_profiler_recovers_planted_frequencies(artifact, manifest, planted):
+    """The build profiled self-generated text; its per-neuron frequencies match the planted ones."""
+    checkpoint = open_checkpoint(artifact)
+    for i, (stats, order) in enumerate(zip(checkpoint.profile(), checkpoint.neuron_orders())):
+        measured, target = stats["frequency"], planted[i][order]
+        assert torch.corrcoef(torch.stack([measured, target]))[0, 1] > 0.95
+        assert (measured - target).abs().mean() < 0.02
+        assert manifest["layers"][i]["sparsity"] == pytest.approx(SPARSITY, abs=0.02)
+    # hot-first: after the always-kept massive neurons, frequencies do not increase
+    k = manifest["layers"][0]["n_always_active"]
+    assert torch.all(stats["frequency"][k:-1] >= stats["frequency"][k + 1:])
+
+
+def test_silu_profile_threshold_hits_target_sparsity():
+    from powerinfer.models.llama import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=300, hidden_act="silu")).eval()
+    profile = profile_model(model, [torch.randint(0, 300, (256,)) for _ in range(4)], target_sparsity=0.7)
+    for layer in profile.layers:
+        assert layer.active_threshold > 0
+        assert layer.sparsity == pytest.approx(0.7, abs=0.05)
+
+
+# -- predictors -------------------------------------------------------------------------------------------
+
+def test_predictors_reach_recall_at_planted_sparsity(artifact, manifest, synth):
+    """On fresh tokens (another seed), the stored predictors keep >= 95% of the actives while predicting
+    close to the planted sparsity."""
+    loaded = load_model(synth)
+    tokens = generate_calibration_tokens(loaded.model, 2048, 512, 0, seed=123)
+    fresh = profile_model(loaded.model, split_windows(tokens, 512), sample_tokens=2048)
+    checkpoint = open_checkpoint(artifact)
+    for predictor, order, x, labels in zip(checkpoint.predictors(), checkpoint.neuron_orders(),
+                                           fresh.inputs, fresh.labels):
+        with torch.no_grad():
+            predicted = predictor.predict(x.float())
+        active = labels[:, order]
+        recall = (predicted & active).sum() / active.sum()
+        assert recall >= 0.93
+        assert 1 - predicted.float().mean() >= SPARSITY - 0.03
+    for layer in manifest["layers"]:
+        assert layer["recall"] >= 0.95
+        assert layer["predicted_sparsity"] == pytest.approx(SPARSITY, abs=0.03)
+        assert layer["rank"] * (128 + 1024) + 1024 <= 0.1 * 3 * 128 * 1024
+
+
+# -- placement --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["predictor", "exact-sparse-down", "dense"])
+def test_milp_respects_budget_and_layer_minimum_and_beats_greedy(synth, planted, strategy):
+    config = json.loads((synth / "config.json").read_text())
+    frequencies = [f.sort(descending=True).values for f in planted]
+    minimum = sum(required_gpu_bytes(config, 256, predictor_parameters=[16 * 1152 + 1024] * 4
+                                     if strategy == "predictor" else None).values())
+    for extra_mib in (0.25, 1, 2, 4, 8, 16):
+        budget = minimum + extra_mib * MiB
+        p = plan_placement(config, frequencies, vram_budget_bytes=budget, strategy=strategy, ctx=256,
+                           predictor_parameters=[16 * 1152 + 1024] * 4, neuron_batch=32, min_layer_fraction=0.25)
+        assert p["gpu_bytes"] <= budget
+        for layer in p["layers"]:
+            assert layer["n_gpu_neurons"] == 0 or layer["n_gpu_neurons"] >= 256
+            assert layer["n_gpu_neurons"] % 32 == 0
+        assert p["expected_cpu_bytes_per_token"] <= p["greedy"]["expected_cpu_bytes_per_token"] + 1e-6
+        if strategy != "dense":  # the dense strategy has no hot neurons to prefer
+            assert p["expected_gpu_activation_share"] >= p["greedy"]["expected_gpu_activation_share"] - 1e-9
+
+
+def test_budget_below_the_dense_part_still_fills_the_gpu(synth, planted):
+    """With room for only some attention layers, those go on the GPU (they are read on every token) and
+    the rest stays on the CPU, instead of an error or an idle GPU."""
+    config = json.loads((synth / "config.json").read_text())
+    predictors = [16 * 1152 + 1024] * 4
+    minimum = sum(required_gpu_bytes(config, 16, predictor_parameters=predictors).values())
+    attention_bytes = 2 * (128 * (128 + 2 * 64) + 128 * 128 + 2 * 16 * 64)  # float16 weights + KV cache
+    lm_head_bytes = 2 * 512 * 128
+    # neurons active at most half the time: an attention byte saves more CPU reads than a neuron byte
+    frequencies = [0.5 * f.sort(descending=True).values for f in planted]
+    p = plan_placement(config, frequencies, strategy="predictor", ctx=16, predictor_parameters=predictors,
+                       vram_budget_bytes=minimum + lm_head_bytes + 2.5 * attention_bytes)
+    assert p["lm_head_on_gpu"] and not p["embeddings_on_gpu"]
+    assert [layer["attention_on_gpu"] for layer in p["layers"]].count(True) == 2
+    assert p["expected_cpu_bytes_per_token"] < p["all_cpu_bytes_per_token"]
+
+
+def test_budget_errors(synth, planted):
+    config = json.loads((synth / "config.json").read_text())
+    with pytest.raises(PowerInferError, match="must be positive"):
+        plan_placement(config, planted, vram_budget_bytes=0, strategy="dense")
+    with pytest.raises(PowerInferError, match=r"below the minimum working set .* give at least"):
+        plan_placement(config, planted, vram_budget_bytes=1024, strategy="dense")
+
+
+# -- artifact ---------------------------------------------------------------------------------------------
+
+def test_artifact_round_trips_the_dense_model(artifact, synth):
+    source, rebuilt = load_model(synth), load_model(artifact)
+    tokens = torch.randint(2, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = source.model(tokens, torch.arange(64))
+        got = rebuilt.model(tokens, torch.arange(64))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert rebuilt.tokenizer.encode("the lobster") == source.tokenizer.encode("the lobster")
+    assert not torch.equal(rebuilt.model.layers[0].mlp.down_proj.weight, source.model.layers[0].mlp.down_proj.weight)
+
+
+def test_manifest_records_strategy_placement_and_checksums(artifact, manifest):
+    assert manifest["format"] == "powerinfer-artifact" and manifest["format_version"] == 1
+    assert manifest["strategy"]["name"] in ("predictor", "exact-sparse-down", "dense")
+    assert {p["strategy"] for p in manifest["strategy"]["curve"]} >= {"dense", "exact-sparse-down", "predictor"}
+    assert manifest["strategy"]["ppl_increase"] <= manifest["strategy"]["ppl_increase_upper"] <= 0.02
+    assert set(manifest["files"]) == {"tokenizer.json", "model.safetensors", "predictors.safetensors",
+                                      "profile.safetensors"}
+    placement = open_checkpoint(artifact).placement()
+    assert placement["vram_budget_bytes"] == int(0.008 * GiB) and len(placement["layers"]) == 4
+
+
+def test_corrupted_file_is_a_checksum_error(artifact, tmp_path):
+    copy = _copy(artifact, tmp_path)
+    data = bytearray((copy / "predictors.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "predictors.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelFormatError, match="predictors.safetensors: checksum mismatch"):
+        load_model(copy)
+
+
+def test_newer_format_version_is_refused(artifact, tmp_path, capsys):
+    copy = _copy(artifact, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["eval", "--model", str(copy), "--data", str(CALIBRATION), "--tokens", "64"]) == 1
+    err = capsys.readouterr().err
+    assert "format version 2 is newer" in err and err.count("\n") == 1
+
+
+def test_placement_of_another_artifact_is_refused(artifact, tmp_path):
+    copy = _copy(artifact, tmp_path)
+    placement = json.loads((copy / "placement.json").read_text())
+    placement["manifest_sha256"] = "0" * 64
+    (copy / "placement.json").write_text(json.dumps(placement))
+    with pytest.raises(ModelFormatError, match="belongs to another artifact"):
+        open_checkpoint(copy).placement()
+
+
+def test_replan_rewrites_placement_only(artifact, tmp_path, capsys):
+    copy = _copy(artifact, tmp_path)
+    before = {name: (copy / name).read_bytes() for name in ("manifest.json", "model.safetensors")}
+    assert main(["plan", "--model", str(copy), "--vram-budget", "0.02", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    placement = open_checkpoint(copy).placement()
+    assert placement["vram_budget_bytes"] == printed["vram_budget_bytes"] == int(0.02 * GiB)
+    assert placement["ctx"] == 256  # the build's value
+    assert all(layer["attention_on_gpu"] for layer in placement["layers"])
+    assert {name: (copy / name).read_bytes() for name in before} == before
+    assert not list(copy.glob(".*tmp*"))
+
+
+def test_interrupted_build_leaves_no_artifact(synth, tmp_path, monkeypatch):
+    import powerinfer.loading.artifact as artifact_module
+
+    def crash(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifact_module, "sha256_file", crash)
+    out = tmp_path / "out.pi"
+    assert main(["build", "--model", str(synth), "--data", str(CALIBRATION), "--tokens", "1024",
+                 "--holdout-tokens", "256", "--sample-tokens", "1024", "--vram-budget", "1", "--ctx", "256",
+                 "-o", str(out)]) == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--vram-budget", "0"], "must be positive"),
+    (["plan", "--vram-budget", "-1"], "must be positive"),
+    (["plan", "--vram-budget", "0.0001"], "below the minimum working set"),
+])
+def test_plan_budget_errors_are_one_line(artifact, argv, message, capsys):
+    assert main(argv + ["--model", str(artifact)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_build_checks_the_budget_before_profiling(synth, tmp_path, capsys):
+    assert main(["build", "--model", str(synth), "--vram-budget", "0.001", "-o", str(tmp_path / "a")]) == 1
+    assert "below the minimum working set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty text file"),
+    (b"  \n\n", "empty text file"),
+    (b"caf\xe9 au lait", "not UTF-8 text (invalid byte at offset 3)"),
+    (None, "no such file"),
+])
+def test_data_file_errors_are_one_line(synth, tmp_path, content, message, capsys):
+    data = tmp_path / "data.txt"
+    if content is not None:
+        data.write_bytes(content)
+    for argv in (["profile", "--model", str(synth), "--data", str(data), "-o", str(tmp_path / "p")],
+                 ["eval", "--model", str(synth), "--data", str(data)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
+# -- staged commands and evaluation -------------------------------------------------------------------------
+
+def test_profile_train_plan_commands(synth, tmp_path, capsys):
+    out = tmp_path / "profile"
+    assert main(["profile", "--model", str(synth), "--data", str(CALIBRATION), "--tokens", "2048",
+                 "--sample-tokens", "2048", "-o", str(out)]) == 0
+    assert "skew" in capsys.readouterr().out
+    assert main(["train-predictors", "--profile", str(out), "--model", str(synth)]) == 0
+    assert "pred. sparsity" in capsys.readouterr().out
+    assert main(["plan", "--profile", str(out), "--vram-budget", "0.01", "--ctx", "256"]) == 0
+    placement = json.loads((out / "placement.json").read_text())
+    assert placement["strategy"] == "predictor" and len(placement["layers"]) == 4
+    other = make_synthetic_relu_model("tiny", seed=1, out_dir=tmp_path / "other")
+    assert main(["train-predictors", "--profile", str(out), "--model", str(other)]) == 1
+    assert "profiles another model" in capsys.readouterr().err
+
+
+def test_eval_json_reports_sparse_quality(artifact, capsys):
+    assert main(["eval", "--model", str(artifact), "--data", str(EVALUATION), "--tokens", "1024", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("ppl_dense", "ppl_sparse", "ffn_sparsity", "recall_mean", "strategy", "curve", "greedy_agreement"):
+        assert result[key] is not None, key
+    assert result["synthetic"] is True and result["tokens"] == 1024
+    assert result["ffn_sparsity"] > 0.5 and 0 <= result["greedy_agreement"] <= 1
+
+
+def test_eval_of_a_plain_model_is_dense_only(synth, capsys):
+    assert main(["eval", "--model", str(synth), "--data", str(EVALUATION), "--tokens", "512", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ppl_dense"] > 1 and result["ppl_sparse"] is None and result["strategy"] is None
+
+
+def test_predicted_sparse_ffn_masks_h():
+    from powerinfer.models.llama import FeedForward, ModelArgs
+    from powerinfer.offline.evaluate import PredictedSparseFFN
+
+    torch.manual_seed(0)
+    ffn = FeedForward(ModelArgs(hidden_size=16, intermediate_size=32, hidden_act="silu"))
+    x = torch.randn(5, 16)
+    gate, up = ffn.gate_up_proj(x).chunk(2, dim=-1)
+    h = torch.nn.functional.silu(gate) * up
+    threshold = h.abs().median().item()
+    sparse = PredictedSparseFFN(ffn, "exact-sparse-down", h_threshold=threshold, n_always_active=2)
+    keep = h.abs() > threshold
+    keep[:, :2] = True
+    torch.testing.assert_close(sparse(x), ffn.down_proj(h * keep))
+    assert sparse.sparsity == pytest.approx(1 - keep.float().mean().item())
+
+
+# -- the tiny trained ReLU model ------------------------------------------------------------------------------
+
+def test_tiny_relu_model_pipeline(tiny_relu_model, tmp_path, capsys):
+    out = tmp_path / "tiny.pi"
+    assert main(["build", "--model", str(tiny_relu_model), "--data", str(CALIBRATION), "--tokens", "8192",
+                 "--vram-budget", "0.05", "--ctx", "512", "--device", "cpu", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", str(EVALUATION), "--tokens", "8192", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    natural = sum(layer["sparsity"] for layer in manifest["layers"]) / len(manifest["layers"])
+    assert result["strategy"]["name"] == "predictor"
+    assert result["recall_mean"] >= 0.90
+    if natural >= 0.85:
+        assert result["ffn_sparsity"] >= 0.80
+    assert result["ppl_sparse"] / result["ppl_dense"] <= 1.02
