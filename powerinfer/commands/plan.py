@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from powerinfer.errors import PowerInferError
-    from powerinfer.offline.placement import GiB, format_placement, plan_placement
+    from powerinfer.offline.placement import GiB, format_placement, plan_for_artifact, plan_placement
 
     if (args.model is None) == (args.profile is None):
         raise PowerInferError("pass exactly one of --model ARTIFACT_DIR or --profile PROFILE_DIR")
@@ -50,14 +50,9 @@ def run(args) -> int:
         if checkpoint.format != "artifact":
             raise PowerInferError(f"{args.model} is not an artifact; run `powerinfer build`, or plan from "
                                   "a profile with --profile")
-        manifest, build = checkpoint.manifest, checkpoint.manifest["build"]
-        strategy = args.strategy or manifest["strategy"]["name"]
-        inputs = dict(config=manifest["config"], frequencies=[p["frequency"] for p in checkpoint.profile()],
-                      n_always_active=manifest["layers"][0]["n_always_active"],
-                      predictor_parameters=[_predictor_parameters(manifest["config"], layer["rank"])
-                                            for layer in manifest["layers"]])
-        settings = {name: getattr(args, name) if getattr(args, name) is not None else build[name]
-                    for name in ("ctx", "gpu_dtype", "cpu_dtype", "neuron_batch", "min_layer_fraction")}
+        placement = plan_for_artifact(checkpoint, int(args.vram_budget * GiB), args.strategy,
+                                      **{name: getattr(args, name) for name in
+                                         ("ctx", "gpu_dtype", "cpu_dtype", "neuron_batch", "min_layer_fraction")})
     else:
         from powerinfer.offline.profile import hot_first_order, load_profile
 
@@ -75,9 +70,10 @@ def run(args) -> int:
         settings = {"ctx": args.ctx or 2048, "gpu_dtype": args.gpu_dtype or "float16",
                     "cpu_dtype": args.cpu_dtype or "float32", "neuron_batch": args.neuron_batch or 64,
                     "min_layer_fraction": args.min_layer_fraction or 0.125}
-    placement = plan_placement(inputs["config"], inputs["frequencies"], vram_budget_bytes=int(args.vram_budget * GiB),
-                               strategy=strategy, n_always_active=inputs["n_always_active"],
-                               predictor_parameters=inputs["predictor_parameters"], **settings)
+        placement = plan_placement(inputs["config"], inputs["frequencies"],
+                                   vram_budget_bytes=int(args.vram_budget * GiB), strategy=strategy,
+                                   n_always_active=inputs["n_always_active"],
+                                   predictor_parameters=inputs["predictor_parameters"], **settings)
     if args.model is not None:
         checkpoint.write_placement(placement)
         written = Path(args.model) / "placement.json"

@@ -280,3 +280,20 @@ def format_placement(placement: dict) -> str:
                  f"(greedy top-K: {greedy['expected_cpu_bytes_per_token'] / MiB:.2f} MiB, "
                  f"all on CPU: {placement['all_cpu_bytes_per_token'] / MiB:.2f} MiB)")
     return "\n".join(lines)
+
+
+def plan_for_artifact(checkpoint, vram_budget_bytes: int, strategy: str | None = None, **overrides) -> dict:
+    """Re-plan an artifact (`ArtifactCheckpoint`) for another budget from its stored profile, without
+    re-profiling. `overrides` (ctx, gpu_dtype, cpu_dtype, neuron_batch, min_layer_fraction) default to
+    the values the artifact was built with; None means the same."""
+    from powerinfer.offline.predictors import predictor_parameters
+
+    manifest, build = checkpoint.manifest, checkpoint.manifest["build"]
+    config = manifest["config"]
+    settings = {name: overrides.get(name) if overrides.get(name) is not None else build[name]
+                for name in ("ctx", "gpu_dtype", "cpu_dtype", "neuron_batch", "min_layer_fraction")}
+    return plan_placement(
+        config, [p["frequency"] for p in checkpoint.profile()], vram_budget_bytes=vram_budget_bytes,
+        strategy=strategy or manifest["strategy"]["name"], n_always_active=manifest["layers"][0]["n_always_active"],
+        predictor_parameters=[predictor_parameters(config["hidden_size"], layer["rank"], config["intermediate_size"])
+                              for layer in manifest["layers"]], **settings)
