@@ -1,0 +1,1 @@
+"""The offline half: profiling, predictor training, placement, artifact building and ReLU-fication."""
