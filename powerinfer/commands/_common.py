@@ -7,38 +7,25 @@ import argparse
 from powerinfer.runtime import SamplingParams
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(cast, accept, expected: str):
+    """An argparse `type=` that parses with `cast` and accepts values for which `accept` is true."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):  # comparisons are false for NaN, so NaN is refused too
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = non_negative_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0")
+probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+port_number = _number(int, lambda v: 0 <= v <= 65535, "a port in 0..65535")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

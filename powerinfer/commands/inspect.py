@@ -66,7 +66,7 @@ def run(args) -> int:
     print(f"  context        {c['max_position_embeddings']}, vocab {c['vocab_size']}, "
           f"tied embeddings {c['tie_word_embeddings']}")
     print(f"  parameters     {info['parameters'] / 1e6:.1f} M, {info['file_bytes'] / 2**20:.1f} MiB of tensors")
-    print(f"  tensor types   " + ", ".join(f"{k}: {v}" for k, v in info["tensor_types"].items()))
+    print("  tensor types   " + ", ".join(f"{k}: {v}" for k, v in info["tensor_types"].items()))
     t = info["tokenizer"]
     print(f"  tokenizer      {t['kind']}, {t['vocab_size']} tokens, BOS {t['bos_token_id']}, "
           f"EOS {t['eos_token_ids']}, chat template {'yes' if t['chat_template'] else 'no'}")

@@ -2,44 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from powerinfer.commands._common import add_model_arguments, load_generator, positive_int
+from powerinfer.commands._common import (add_model_arguments, load_generator, non_negative_int, port_number,
+                                         positive_float, positive_int)
 from powerinfer.errors import PowerInferError
 
 HELP = "serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)"
-
-
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
-    return value
 
 
 def add_arguments(p) -> None:
@@ -54,7 +24,7 @@ def add_arguments(p) -> None:
                    help="requests decoded at once, each with its own KV cache (default: 4)")
     p.add_argument("--queue-size", type=non_negative_int, default=64,
                    help="requests that may wait for a free slot before new ones get 429 (default: 64)")
-    p.add_argument("--request-timeout", type=positive_seconds, default=300.0,
+    p.add_argument("--request-timeout", type=positive_float, default=300.0,
                    help="seconds a request may take, waiting included, before it fails with 504 (default: 300)")
     p.add_argument("--model-name", default=None,
                    help="model id to serve under (default: the model file's stem or directory name)")

@@ -16,7 +16,7 @@ The hot device is a parameter, so the split logic also runs (and is tested) with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
