@@ -16,8 +16,14 @@ SUBCOMMANDS = {
     "generate": "generate",
     "chat": "chat",
     "inspect": "inspect",
+    "profile": "profile",
+    "train-predictors": "train_predictors",
+    "plan": "plan",
+    "build": "build",
+    "eval": "eval",
+    "relufy": "relufy",
     "serve": "serve",
-    "serve": "serve",
+    "bench": "bench",
 }
 
 

@@ -1,0 +1,17 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_relu_model():
+    """Directory of the tiny ReLU model (Hugging Face format), trained on first use and cached.
+
+    See `powerinfer.offline.tiny`: a 4-layer d=256 LLaMA with ReGLU FFNs trained on WikiText-2 validation;
+    the cache is `.cache/tiny-relu/` at the repository root, or `$POWERINFER_CACHE/tiny-relu/`.
+    """
+    from powerinfer.offline.tiny import ensure_tiny_relu_model
+
+    return ensure_tiny_relu_model()
