@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from powerinfer.errors import PowerInferError
 from powerinfer.loading import load_model
 from powerinfer.offline.checkpoint import save_hf_model
+from powerinfer.offline.profile import read_text_file
 from powerinfer.offline.train import (TrainConfig, keyed_generator, measure_sparsity_and_ppl, random_windows,
                                       train)
 
@@ -39,24 +40,6 @@ class RelufyConfig:
     prompt_len: int = 32            # data tokens that prompt each teacher sample
     block_rows: int | None = None   # samples generated at once (None: 512 on CUDA, 16 on the CPU)
     temperature: float = 1.0        # of the teacher's sampling
-
-
-def read_text_file(path: str | Path, what: str = "data file") -> str:
-    """A UTF-8 text file's contents, or a one-line error naming what is wrong with it."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise PowerInferError(f"{what} {path}: no such file") from None
-    except OSError as e:
-        raise PowerInferError(f"{what} {path}: cannot read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PowerInferError(f"{what} {path} is not UTF-8 text (bad byte at offset {e.start})") from None
-    if not text.strip():
-        raise PowerInferError(f"{what} {path} is empty")
-    return text
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
@@ -248,7 +231,7 @@ def relufy(model_path: str | Path | None, out_dir: str | Path, activation: str =
                                max_steps=-(-tokens // tokens_per_step) if tokens is not None else None)
     out_dir = Path(out_dir)
     data_text = read_text_file(data_file) if data_file is not None else None
-    eval_text = read_text_file(eval_file, "evaluation file") if eval_file is not None else None
+    eval_text = read_text_file(eval_file) if eval_file is not None else None
     _check_output_dir(out_dir, resume)
 
     torch.manual_seed(train_config.seed)
@@ -330,7 +313,7 @@ def measure_model(model_path: str | Path | None, text_file: str | Path, seq_len:
                   max_tokens: int | None = None, device: str | None = None, batch_size: int = 8,
                   progress: bool = True) -> dict:
     """Perplexity and activation sparsity of a model on a text file (full precision)."""
-    text = read_text_file(text_file, "evaluation file")
+    text = read_text_file(text_file)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(model_path, device=device, dtype=torch.float32)
     ids = tokenize_text(loaded.tokenizer, text)

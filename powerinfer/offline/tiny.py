@@ -30,7 +30,8 @@ from powerinfer.errors import PowerInferError
 from powerinfer.loading.tokenizer import Tokenizer
 from powerinfer.models.llama import ModelArgs, Transformer
 from powerinfer.offline.checkpoint import save_hf_model
-from powerinfer.offline.relufy import read_text_file, tokenize_text
+from powerinfer.offline.profile import read_text_file
+from powerinfer.offline.relufy import tokenize_text
 from powerinfer.offline.train import (TrainConfig, keyed_generator, measure_sparsity_and_ppl, random_windows,
                                       train)
 
@@ -126,7 +127,7 @@ def build_tiny_relu_model(out_dir: Path, calibration_file: Path, recipe: TinyRec
                           held_out_file: Path | None = None, show_progress: bool = True) -> dict:
     """Train the tiny model, write it to `out_dir` as a Hugging Face directory; return its measurements."""
     start = time.perf_counter()
-    text = read_text_file(calibration_file, "calibration file")
+    text = read_text_file(calibration_file)
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
