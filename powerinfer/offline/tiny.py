@@ -156,7 +156,7 @@ def build_tiny_relu_model(out_dir: Path, calibration_file: Path, recipe: TinyRec
             "parameters": model.num_parameters(), "train_tokens": result.tokens,
             "final_train_loss": result.last_loss, "train_seconds": time.perf_counter() - start}
     if held_out_file is not None and held_out_file.exists():
-        ids = tokenize_text(tokenizer, read_text_file(held_out_file, "held-out file"))
+        ids = tokenize_text(tokenizer, read_text_file(held_out_file))
         measured = measure_sparsity_and_ppl(model, ids, seq_len=recipe.seq_len, max_tokens=HELD_OUT_TOKENS)
         info["held_out"] = {"file": held_out_file.name, **{k: measured[k] for k in (
             "tokens", "ppl", "sparsity", "layer_sparsity", "neuron_share_for_80pct_activations")}}
