@@ -69,20 +69,7 @@ def write_gguf(path: Path, config: dict, hf_weights: dict[str, torch.Tensor], qt
     w.add_uint32(f"{arch}.attention.head_count_kv", config["num_key_value_heads"])
     w.add_float32(f"{arch}.rope.freq_base", config.get("rope_theta", 10000.0))
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
-    fields = tokenizer_fields or byte_level_gguf_tokenizer()
-    for key, value in fields.items():
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        elif value and isinstance(value[0], str):
-            w.add_array(key, value)
-        elif value and isinstance(value[0], float):
-            w.add_array(key, value)
-        else:
-            w.add_array(key, [int(v) for v in value])
+    add_fields(w, tokenizer_fields or byte_level_gguf_tokenizer())
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     for name, tensor in hf_weights.items():
         array = tensor.float().numpy()
@@ -106,6 +93,21 @@ def write_gguf(path: Path, config: dict, hf_weights: dict[str, torch.Tensor], qt
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def add_fields(writer, fields: dict) -> None:
+    """Write metadata fields with the GGUF value type their Python type implies."""
+    for key, value in fields.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
 
 
 def byte_level_gguf_tokenizer() -> dict:

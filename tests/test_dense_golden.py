@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from model_files import write_gguf, write_hf_model
+from model_files import add_fields, write_gguf, write_hf_model
 from powerinfer.loading import default_model_path, load_model
 from powerinfer.models.llama import ModelArgs, Transformer
 from powerinfer.runtime import Generator, SamplingParams
@@ -170,19 +170,7 @@ def test_gguf_k_quant_blocks_dequantize_like_gguf(tmp_path):
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
     src = GGUFCheckpoint(path)
-    for key, value in src.fields.items():
-        if key.startswith("general.architecture") or key.startswith("GGUF."):
-            continue
-        if isinstance(value, str):
-            w.add_string(key, value)
-        elif isinstance(value, float):
-            w.add_float32(key, value)
-        elif isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        else:
-            w.add_array(key, value)
+    add_fields(w, {k: v for k, v in src.fields.items() if not k.startswith(("general.architecture", "GGUF."))})
     raw = None
     for t in src.tensors:
         data = np.array(src._data[t.offset:t.offset + t.n_bytes]).view(np.float32).reshape(t.shape)

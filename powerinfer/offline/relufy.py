@@ -12,7 +12,6 @@ progressive L1 penalty on the activations (see `powerinfer.offline.train`) raise
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from powerinfer.errors import PowerInferError
 from powerinfer.loading import load_model
+from powerinfer.loading.artifact import sha256_file
 from powerinfer.offline.checkpoint import save_hf_model
 from powerinfer.offline.profile import read_text_file
 from powerinfer.offline.train import (TrainConfig, keyed_generator, measure_sparsity_and_ppl, random_windows,
@@ -184,14 +184,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_output_dir(out_dir: Path, resume: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise PowerInferError(f"output {out_dir} exists and is not a directory")
@@ -271,7 +263,7 @@ def relufy(model_path: str | Path | None, out_dir: str | Path, activation: str =
     source = Path(model_path) if model_path is not None else student.checkpoint.path
     run_config = {
         "model": str(Path(source).resolve()), "model_bytes": _source_bytes(Path(source)),
-        "data_sha256": _file_sha256(Path(data_file)) if data_file is not None else None,
+        "data_sha256": sha256_file(Path(data_file)) if data_file is not None else None,
         "relufy": asdict(config), "tokens": tokens, "minutes": minutes,
     }
     result = train(student.model, batches, loss_fn, train_config, state_file=out_dir / STATE_FILE,
