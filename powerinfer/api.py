@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from powerinfer.errors import PowerInferError
-from powerinfer.loading import load_model, open_checkpoint, resolve_dtype
+from powerinfer.loading import DTYPES, load_model, open_checkpoint, resolve_dtype
 from powerinfer.runtime import Generator
 from powerinfer.runtime.executor import MODES, build_executor, offload_layers_for_budget
 
@@ -39,7 +39,10 @@ def load(model=None, device: str = "cpu", dtype=None, context: int | None = None
         raise PowerInferError(f"--mode {mode} runs an artifact; build one with "
                               f"`powerinfer build --model {model or '<default>'} --vram-budget GiB -o DIR`")
     hot_dtype = resolve_dtype(dtype, device)
-    loaded = load_model(model, device="cpu", dtype=torch.float32)
+    # the executor converts each piece to its device's dtype (CPU: float32 for the numba kernels), so load in
+    # the dtype an artifact stores (exact, half the memory of float32 for a 13B model), else in float32
+    stored = checkpoint.manifest["build"].get("weights_dtype") if artifact else None
+    loaded = load_model(model, device="cpu", dtype=hot_dtype if mode == "gpu" else DTYPES.get(stored, torch.float32))
     if mode == "offload":
         if vram_budget is None:
             raise PowerInferError("--mode offload needs --vram-budget GiB (how many layers fit the GPU)")

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "build": "build",
     "eval": "eval",
     "relufy": "relufy",
+    "synth": "synth",
     "serve": "serve",
     "bench": "bench",
 }

@@ -1,46 +1,88 @@
-"""`powerinfer bench`: decode/prefill speed of each executor mode, side by side in one run."""
+"""`powerinfer bench`: decode/prefill speed of executor modes side by side, with where the time goes and the
+roofline of each mode (powerinfer/bench.py); `--synth SHAPE` builds a synthetic model and its artifact
+pieces in memory instead of reading `--model`."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 
-from powerinfer.commands._common import positive_float, positive_int
+from powerinfer.commands._common import _number, positive_float, positive_int
 
-HELP = "benchmark decode and prefill speed of executor modes on one model, side by side"
+HELP = "benchmark decode and prefill speed of executor modes on one model (or a synthetic one), side by side"
+open_unit = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+non_negative = _number(int, lambda v: v >= 0, "an integer >= 0")
 
 
 def add_arguments(p) -> None:
+    from powerinfer.offline.synth import SHAPES
+
     p.add_argument("--model", "-m", default=None, help="artifact, GGUF file or model directory (default model)")
+    p.add_argument("--synth", choices=list(SHAPES), default=None, metavar="SHAPE",
+                   help=f"instead of --model: a synthetic ReLU model built in memory ({', '.join(SHAPES)}); "
+                        "its profile, predictors and placement too (weights drawn on the GPU when there is one)")
+    p.add_argument("--sparsity", type=open_unit, default=0.9, help="--synth: planted FFN sparsity (default: 0.9)")
+    p.add_argument("--skew", type=open_unit, default=0.8,
+                   help="--synth: activation share of the hottest 20%% of neurons (default: 0.8)")
+    p.add_argument("--seed", type=int, default=0, help="--synth: weights seed (default: 0)")
+    p.add_argument("--calib-tokens", type=positive_int, default=2048,
+                   help="--synth: random calibration tokens for the profile and predictors (default: 2048)")
     p.add_argument("--modes", default=None,
-                   help="comma-separated: hybrid,gpu,dense-gpu,offload,cpu,dense-cpu (default: what fits the "
-                        "model and machine)")
+                   help="comma-separated: hybrid,gpu,dense-gpu,offload,cpu,dense-cpu,hf-accelerate (default: what "
+                        "fits the model and machine)")
     p.add_argument("--vram-budget", type=positive_float, default=None, metavar="GiB",
-                   help="GPU memory for hybrid (re-plans the artifact) and offload")
+                   help="GPU memory for hybrid (re-plans the placement), offload and hf-accelerate")
     p.add_argument("--prompt-tokens", type=positive_int, default=64)
     p.add_argument("--gen-tokens", type=positive_int, default=128)
     p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--split-tokens", type=non_negative, default=16,
+                   help="decode steps of the extra instrumented run that splits the step time (0: skip)")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                   help="GPU dtype (default float16; the CPU side is float32)")
+                   help="GPU dtype, and --synth's weights (default float16; the CPU side is float32)")
+    p.add_argument("--bandwidth-mib", type=positive_int, default=1024,
+                   help="buffer size of the bandwidth measurements behind the roofline (default: 1024)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw decode tok/s per mode (needs matplotlib)")
+    p.add_argument("--plot-from", default=None, metavar="JSON",
+                   help="only draw --plot from an earlier --json result, benchmark nothing")
 
 
-def run(args) -> int:
-    import torch
+def _write_json(path: str, report: dict) -> None:
+    from pathlib import Path
 
-    import powerinfer
-    from powerinfer import kernels
-    from powerinfer.bench import BENCH_MODES, environment, format_table, run_mode
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _plot_from(args) -> int:
+    from pathlib import Path
+
+    from powerinfer.bench import plot_results
     from powerinfer.errors import PowerInferError
-    from powerinfer.loading import open_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        kernels.set_num_threads(args.threads)
-    checkpoint = open_checkpoint(args.model)
-    artifact = checkpoint.format == "artifact"
-    cuda = torch.cuda.is_available()
+    if not args.plot:
+        raise PowerInferError("--plot-from needs --plot OUT.png")
+    if args.model or args.synth:
+        raise PowerInferError("--plot-from draws an earlier result; it takes no --model or --synth")
+    try:
+        report = json.loads(Path(args.plot_from).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PowerInferError(f"{args.plot_from}: cannot read a bench result ({e})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("results"), list):
+        raise PowerInferError(f"{args.plot_from}: not a `powerinfer bench --json` result (no results list)")
+    print(f"wrote {plot_results(report, args.plot)}")
+    return 0
+
+
+def _modes(args, artifact: bool, cuda: bool) -> list[str]:
+    from powerinfer.bench import BENCH_MODES, check_hf_accelerate
+    from powerinfer.errors import PowerInferError
+
     if args.modes:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     else:
@@ -50,43 +92,178 @@ def run(args) -> int:
         if mode not in BENCH_MODES:
             raise PowerInferError(f"unknown bench mode {mode!r} (choose from {', '.join(BENCH_MODES)})")
         if mode in ("hybrid", "gpu", "cpu") and not artifact:
-            raise PowerInferError(f"mode {mode} needs an artifact from `powerinfer build`")
+            raise PowerInferError(f"mode {mode} needs an artifact from `powerinfer build` (or --synth)")
+        if mode == "hf-accelerate":
+            check_hf_accelerate()
         if mode in ("hybrid", "gpu", "dense-gpu", "offload") and not cuda:
             raise PowerInferError(f"mode {mode} needs a CUDA GPU")
-    if "offload" in modes and args.vram_budget is None:
-        raise PowerInferError("the offload mode needs --vram-budget GiB")
+    for mode in ("offload", "hf-accelerate") + (("hybrid",) if args.synth else ()):
+        if mode in modes and args.vram_budget is None:
+            raise PowerInferError(f"the {mode} mode needs --vram-budget GiB")
+    return modes
+
+
+def _synthetic_artifact(args, context: int, dtype, cuda: bool, log):
+    """The --synth model built on the GPU when there is one, then its in-memory artifact."""
+    import gc
+    import importlib.util
+
+    import torch
+
+    from powerinfer.offline.build import build_in_memory
+    from powerinfer.offline.synth import load_synthetic_model
+
+    device = "cuda" if cuda else "cpu"
+    progress = importlib.util.find_spec("tqdm") is not None
+    start = time.perf_counter()
+    # profiled in float16 on the GPU, float32 on the CPU (no fast float16 matmul there)
+    loaded = load_synthetic_model(args.synth, args.sparsity, args.skew, args.seed,
+                                  dtype=dtype if cuda else torch.float32, device=device, progress=progress)
+    synth_s = time.perf_counter() - start
+    print(f"synthesize: {synth_s:.1f} s (SYNTHETIC {args.synth}, drawn on {device})", file=log, flush=True)
+    planted = loaded.checkpoint.planted
+    tokens = torch.randint(2, loaded.args.vocab_size, (args.calib_tokens,),
+                           generator=torch.Generator().manual_seed(args.seed + 1))
+    artifact = build_in_memory(loaded, tokens, ctx=context, gpu_dtype=str(dtype).removeprefix("torch."),
+                               weights_dtype=dtype, seed=args.seed, progress=progress, log=log)
+    del loaded
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    layers = artifact.manifest["layers"]
+    planted_sparsity = [1 - planted[f"layers.{i}.frequency"].mean().item() for i in range(len(layers))]
+
+    def mean(values):
+        return round(sum(values) / len(values), 4)
+
+    summary = {
+        "shape_name": args.synth, "sparsity": args.sparsity, "skew": args.skew, "seed": args.seed,
+        "weights_device": device, "weights_dtype": str(dtype).removeprefix("torch."),
+        "calibration": f"{args.calib_tokens} random token ids",
+        "planted_sparsity_mean": mean(planted_sparsity),
+        "profiled_sparsity_mean": mean([layer["sparsity"] for layer in layers]),
+        "profiled_sparsity_min": round(min(layer["sparsity"] for layer in layers), 4),
+        "profiled_sparsity_max": round(max(layer["sparsity"] for layer in layers), 4),
+        "predicted_sparsity_mean": mean([layer["predicted_sparsity"] for layer in layers]),
+        "predictor_recall_mean": mean([layer["recall"] for layer in layers]),
+        "predictor_ranks": sorted({layer["rank"] for layer in layers}),
+        "seconds": {"synthesize": round(synth_s, 2), **artifact.manifest["build"]["seconds"]},
+    }
+    return artifact, summary
+
+
+def _hf_directory(checkpoint, tmp_root: str, dtype):
+    """A Hugging Face directory of `checkpoint` for transformers: its own if it is one, else written (in
+    `dtype`) under `tmp_root` (an artifact's FFN is in hot-first order: the same function)."""
+    from pathlib import Path
+
+    from powerinfer.offline.synth import write_hf_checkpoint
+
+    if checkpoint.format == "hf":
+        return checkpoint.path
+    out = Path(tmp_root) / "hf"
+    if not out.exists():
+        out.mkdir()
+        config = dict(checkpoint.config, torch_dtype=str(dtype).removeprefix("torch."))
+        write_hf_checkpoint(out, config, checkpoint.weights(dtype), checkpoint.tokenizer)
+    return out
+
+
+def run(args) -> int:
+    import shutil
+    import tempfile
+
+    import torch
+
+    import powerinfer
+    from powerinfer import kernels
+    from powerinfer.bench import (environment, format_table, measure_bandwidths, plot_results, require_matplotlib,
+                                  run_hf_accelerate, run_mode)
+    from powerinfer.errors import PowerInferError
+    from powerinfer.loading import open_checkpoint, resolve_dtype
+
+    if args.plot_from:
+        return _plot_from(args)
+    if args.synth and args.model:
+        raise PowerInferError("--synth and --model are alternatives: pass one of them")
+    if args.threads:
+        import os
+        if args.threads > (os.cpu_count() or 1):
+            raise PowerInferError(f"--threads {args.threads} is more than the {os.cpu_count()} cores here")
+        torch.set_num_threads(args.threads)
+        kernels.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    checkpoint = None if args.synth else open_checkpoint(args.model)
+    artifact = bool(args.synth) or checkpoint.format == "artifact"
+    modes = _modes(args, artifact, cuda)
+    if args.plot:  # fail now, not after the benchmark
+        require_matplotlib()
     context = args.prompt_tokens + args.gen_tokens + 8
+    gpu_dtype = resolve_dtype(args.dtype, "cuda")
+    log = sys.stderr
+    started = time.perf_counter()
+
+    synthetic = None
+    if args.synth:
+        checkpoint, synthetic = _synthetic_artifact(args, context, gpu_dtype, cuda, log)
+    bandwidths = measure_bandwidths(cuda, args.bandwidth_mib)
+    print(f"bandwidths (GB/s): {', '.join(f'{k} {v:g}' for k, v in bandwidths.items())}", file=log, flush=True)
+    model_ref = checkpoint if args.synth else args.model
 
     def load(mode):
         device = "cpu" if mode in ("cpu", "dense-cpu") else "cuda"
         executor = {"dense-gpu": "dense", "dense-cpu": "dense"}.get(mode, mode)
         budget = args.vram_budget if executor in ("hybrid", "offload") else None
-        dtype = args.dtype if device == "cuda" else "float32"
-        return powerinfer.load(args.model, device=device, dtype=dtype, context=context, mode=executor,
+        dtype = gpu_dtype if device == "cuda" else "float32"
+        return powerinfer.load(model_ref, device=device, dtype=dtype, context=context, mode=executor,
                                vram_budget=budget)
 
-    results = []
-    for mode in modes:
-        print(f"benchmarking {mode} ...", file=sys.stderr)
-        results.append(run_mode(load, mode, args.prompt_tokens, args.gen_tokens, args.repeats))
     config = checkpoint.config
-    report = {**environment(), "model": {
-        "path": str(checkpoint.path), "format": checkpoint.format,
-        "synthetic": bool(config.get("powerinfer_synthetic", False)),
+    report = {**environment(cuda), "model": {
+        "path": str(checkpoint.path), "format": "in-memory artifact" if args.synth else checkpoint.format,
+        "synthetic": bool(config.get("powerinfer_synthetic", False)), "shape_name": args.synth,
         "shape": {k: config.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                             "vocab_size", "hidden_act")},
+                                             "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                             "hidden_act")},
         "strategy": checkpoint.manifest["strategy"]["name"] if artifact else None},
-        "vram_budget_gib": args.vram_budget, "batch_size": 1, "prompt_tokens": args.prompt_tokens,
-        "gen_tokens": args.gen_tokens, "repeats": args.repeats, "results": results}
-    label = " (SYNTHETIC model)" if report["model"]["synthetic"] else ""
+        "vram_budget_gib": args.vram_budget, "threads": torch.get_num_threads(), "batch_size": 1,
+        "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats,
+        "gpu_dtype": str(gpu_dtype).removeprefix("torch."), "cpu_dtype": "float32",
+        "bandwidths_GBps": bandwidths,
+        "bandwidth_method": {"cpu_read": "torch sum of a float32 buffer, configured threads",
+                             "gpu_copy": "device-to-device copy, bytes read + written",
+                             "pcie_h2d": "pinned host -> device copy", "pcie_d2h": "pinned device -> host copy"},
+        "synthetic_build": synthetic, "results": []}
+    tmp_root = None
+    try:
+        for mode in modes:
+            print(f"benchmarking {mode} ...", file=log, flush=True)
+            if mode == "hf-accelerate":
+                tmp_root = tmp_root or tempfile.mkdtemp(prefix="powerinfer-hf-")
+                result = run_hf_accelerate(_hf_directory(checkpoint, tmp_root, gpu_dtype), args.vram_budget,
+                                           args.prompt_tokens, args.gen_tokens, args.repeats, gpu_dtype, bandwidths)
+            else:
+                result = run_mode(load, mode, args.prompt_tokens, args.gen_tokens, args.repeats, args.split_tokens,
+                                  bandwidths)
+            report["results"].append(result)
+            print(f"{mode}: {result['decode_tok_s']:.1f} tok/s decode (load {result['seconds']['load']:.1f} s, "
+                  f"measure {result['seconds']['measure']:.1f} s)", file=log, flush=True)
+            report["seconds_total"] = round(time.perf_counter() - started, 1)
+            if args.json:  # after every mode: a run cut short keeps what it measured
+                _write_json(args.json, report)
+    finally:
+        if tmp_root:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+    label = " (SYNTHETIC model: planted activation profile, random weights)" if report["model"]["synthetic"] else ""
     print(f"{report['device']}, {checkpoint.path}{label}, batch 1, prompt {args.prompt_tokens}, "
-          f"gen {args.gen_tokens}")
-    print(format_table(results))
-    if args.json:
-        from pathlib import Path
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(path)
+          f"gen {args.gen_tokens}, threads {report['threads']}"
+          + (f", VRAM budget {args.vram_budget:g} GiB" if args.vram_budget else ""))
+    if synthetic:
+        print(f"synthetic build: planted sparsity {synthetic['planted_sparsity_mean']:.3f}, profiled "
+              f"{synthetic['profiled_sparsity_mean']:.3f}, predicted {synthetic['predicted_sparsity_mean']:.3f} at "
+              f"recall {synthetic['predictor_recall_mean']:.3f} (predictor ranks {synthetic['predictor_ranks']}); "
+              f"bandwidths (GB/s): {', '.join(f'{k} {v:g}' for k, v in bandwidths.items())}")
+    print(format_table(report["results"]))
+    if args.plot:
+        print(f"wrote {plot_results(report, args.plot)}")
     return 0

@@ -43,7 +43,10 @@ def default_model_path() -> Path:
 
 
 def open_checkpoint(path: str | Path | None):
-    """A `GGUFCheckpoint`, `HFCheckpoint` or `ArtifactCheckpoint` for `path` (None: the default model)."""
+    """A `GGUFCheckpoint`, `HFCheckpoint` or `ArtifactCheckpoint` for `path` (None: the default model);
+    a checkpoint object already open (e.g. `loading.memory.MemoryCheckpoint`) is returned as it is."""
+    if hasattr(path, "weights"):
+        return path
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise ModelFormatError(f"{path}: no such file or directory")

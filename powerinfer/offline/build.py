@@ -24,7 +24,8 @@ from powerinfer.loading import load_model
 from powerinfer.loading.artifact import source_fingerprint, write_artifact
 from powerinfer.models.llama import to_hf_weights
 from powerinfer.offline.evaluate import choose_strategy, h_quantile_thresholds, measure_curve
-from powerinfer.offline.placement import GiB, check_vram_budget, plan_placement, required_gpu_bytes
+from powerinfer.offline.placement import (GiB, check_vram_budget, plan_placement, relative_ffn_bytes,
+                                         required_gpu_bytes)
 from powerinfer.offline.predictors import recall_targets, train_predictors
 from powerinfer.offline.profile import (EXACT_ZERO_ACTIVATIONS, generate_calibration_tokens, hot_first_order,
                                         profile_model, read_text_file, split_windows, tokenize_text)
@@ -144,11 +145,7 @@ def build_artifact(opts: BuildOptions) -> dict:
     for i, (layer, report, predictor) in enumerate(zip(profile.layers, reports, predictors)):
         h_threshold = (layer.active_threshold if exact_zeros else h_thresholds[i][str(chosen.parameter)]) \
             if chosen.strategy == "exact-sparse-down" else None
-        layers.append({"n_ff": n_ff, "rank": report.rank, "threshold": predictor.threshold.item(),
-                       "recall": report.recall, "precision": report.precision,
-                       "predicted_sparsity": report.predicted_sparsity, "sparsity": layer.sparsity,
-                       "skew": layer.skew, "active_threshold": layer.active_threshold,
-                       "h_threshold": h_threshold, "n_always_active": n_always_active})
+        layers.append(_layer_record(n_ff, layer, report, predictor, h_threshold, n_always_active))
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[opts.weights_dtype]
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
     build = {f.name: getattr(opts, f.name) for f in fields(opts) if f.name not in ("log", "progress", "force", "out")}
@@ -171,6 +168,99 @@ def build_artifact(opts: BuildOptions) -> dict:
     stage("write", t)
     return {"out": opts.out, "strategy": strategy, "layers": layers, "placement": placement, "build": build,
             "reports": reports, "profile": profile, "seconds": seconds}
+
+
+def _layer_record(n_ff, layer, report, predictor, h_threshold, n_always_active) -> dict:
+    """One layer's manifest entry (docs/ARTIFACT.md, `layers[i]`)."""
+    return {"n_ff": n_ff, "rank": report.rank, "threshold": predictor.threshold.item(),
+            "recall": report.recall, "precision": report.precision,
+            "predicted_sparsity": report.predicted_sparsity, "sparsity": layer.sparsity,
+            "skew": layer.skew, "active_threshold": layer.active_threshold,
+            "h_threshold": h_threshold, "n_always_active": n_always_active}
+
+
+def build_in_memory(loaded, tokens: torch.Tensor, *, recall: float = 0.95, keep_massive: int = 4,
+                    window: int = 512, ctx: int = 2048, gpu_dtype: str = "float16", cpu_dtype: str = "float32",
+                    weights_dtype: torch.dtype = torch.float16, neuron_batch: int = 64,
+                    min_layer_fraction: float = 0.125, seed: int = 0, progress: bool = False,
+                    log=None):
+    """Profile -> predictors -> hot-first order for a ReLU-family model, kept in memory: a `MemoryArtifact`
+    that `powerinfer.load` runs like an artifact directory (its placement is planned at load time for the
+    VRAM budget). For benchmarks of large synthetic models: no perplexity-checked strategy choice (the
+    `predictor` strategy is exact up to the predictors' recall for ReLU models) and nothing written.
+
+    `loaded` is profiled on its own device and dtype (a GPU profiles and trains the predictors of a 7B
+    model in seconds); `tokens` (1-D) are the calibration tokens. The artifact's weights are copies on the
+    CPU in `weights_dtype`; drop `loaded` afterwards to free its memory."""
+    from datetime import datetime, timezone
+
+    from powerinfer.loading.artifact import FORMAT, FORMAT_VERSION
+    from powerinfer.loading.memory import MemoryArtifact
+
+    model, args = loaded.model, loaded.args
+    if args.hidden_act not in EXACT_ZERO_ACTIVATIONS:
+        raise PowerInferError(f"an in-memory build needs a ReLU-family model (exact zeros), not "
+                              f"{args.hidden_act!r}; build an artifact with `powerinfer build`")
+    seconds, started = {}, time.perf_counter()
+
+    def stage(name: str, since: float) -> float:
+        now = time.perf_counter()
+        seconds[name] = round(now - since, 2)
+        if log is not None:
+            print(f"{name}: {seconds[name]:.1f} s", file=log, flush=True)
+        return now
+
+    device = next(model.parameters()).device
+    profile = profile_model(model, split_windows(tokens, window), sample_tokens=len(tokens), progress=progress)
+    t = stage("profile", started)
+    predictors, reports = train_predictors(profile.inputs, profile.labels, recall, device=device, seed=seed,
+                                           progress=progress)
+    t = stage("predictors", t)
+
+    n_ff = args.intermediate_size
+    n_always_active = min(keep_massive, n_ff)
+    orders = [hot_first_order(layer, keep_massive) for layer in profile.layers]
+    layers = [_layer_record(n_ff, layer, report, predictor, None, n_always_active)
+              for layer, report, predictor in zip(profile.layers, reports, predictors)]
+    state = to_hf_weights(dict(model.state_dict()), args)
+    tensors = {}
+    for name in list(state):  # hot-first FFN, moved to the CPU one tensor at a time
+        tensor = state.pop(name)
+        if ".mlp." in name:
+            order = orders[int(name.split(".")[2])].to(tensor.device)
+            tensor = tensor[:, order] if name.endswith("down_proj.weight") else tensor[order]
+        tensors[name] = tensor.to("cpu", weights_dtype).contiguous()
+    t = stage("reorder", t)
+
+    predicted = sum(r.predicted_sparsity for r in reports) / len(reports)
+    fraction = sum(r.parameters for r in reports) / (3 * args.hidden_size * n_ff * args.num_hidden_layers)
+    tokenizer = loaded.tokenizer
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(loaded.checkpoint.path), "sha256": None, "format": loaded.checkpoint.format},
+        "config": args.to_config(),
+        "tokenizer": {"bos_token_id": tokenizer.bos_token_id, "eos_token_ids": tokenizer.eos_token_ids,
+                      "add_bos": tokenizer.add_bos, "chat_template": tokenizer.chat_template,
+                      "kind": tokenizer.kind},
+        "build": {"in_memory": True, "recall": recall, "keep_massive": keep_massive, "window": window,
+                  "ctx": ctx, "gpu_dtype": gpu_dtype, "cpu_dtype": cpu_dtype, "neuron_batch": neuron_batch,
+                  "min_layer_fraction": min_layer_fraction, "seed": seed, "profiled_tokens": profile.tokens,
+                  "device": str(device), "weights_dtype": str(weights_dtype).removeprefix("torch."),
+                  "activation": args.hidden_act, "active_definition": "h != 0",
+                  "predictor_fraction": fraction, "seconds": seconds},
+        "strategy": {"name": "predictor", "parameter": recall, "ffn_sparsity": predicted,
+                     "ppl_increase": None, "ppl_increase_upper": None,
+                     "relative_ffn_bytes": relative_ffn_bytes("predictor", predicted, fraction),
+                     "max_ppl_increase": None, "curve": [],
+                     "note": "in-memory build: perplexity not measured"},
+        "layers": layers,
+    }
+    return MemoryArtifact(
+        str(loaded.checkpoint.path), manifest, tokenizer, tensors,
+        [_permuted(p, order).cpu() for p, order in zip(predictors, orders)],
+        [{k: v[order] for k, v in layer.tensors().items()} for layer, order in zip(profile.layers, orders)],
+        orders, loaded.checkpoint.rope_freq_factors())
 
 
 def _permuted(predictor, order: torch.Tensor):

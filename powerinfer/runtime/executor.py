@@ -16,6 +16,7 @@ The hot device is a parameter, so the split logic also runs (and is tested) with
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,8 @@ class OraclePredictor(nn.Module):
 class SplitFFN(nn.Module):
     """One layer's FFN with rows split between the hot device and the CPU."""
 
+    timer = None  # a `runtime.timing.PhaseTimer` while `bench` measures where decode time goes
+
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, activation: str, layer: LayerPlan,
                  plan: ExecutionPlan, predictor: nn.Module | None, counts: NeuronCounts):
         super().__init__()
@@ -123,10 +126,18 @@ class SplitFFN(nn.Module):
         return [t[start:stop].to(device=device, dtype=dtype).contiguous() for t in (gate, up, down_t)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, flat = x.shape, x.reshape(-1, x.shape[-1])
+        shape, flat, t = x.shape, x.reshape(-1, x.shape[-1]), self.timer
+        if self.hot is None:  # all rows on the CPU: one copy there (if needed), then everything on the CPU
+            flat = _move(flat, CPU, torch.float32, t)
+            with _cpu_time(t):
+                active = self._predict(flat) if self.predictor is not None else None
+                y = self._add_cold(None, *self._to_cpu(flat, active))
+            return _move(y, x.device, x.dtype, t).reshape(shape)
         active = self._predict(flat) if self.predictor is not None else None
         cold_in = self._to_cpu(flat, active) if self.cold is not None else None  # queued before hot work
-        y = self._hot_forward(flat, active) if self.hot is not None else None
+        y = self._hot_forward(flat, active)
+        if t is not None:
+            t.mark("gpu")
         if cold_in is not None:
             y = self._add_cold(y, *cold_in)
         return y.to(device=x.device, dtype=x.dtype).reshape(shape)
@@ -149,12 +160,16 @@ class SplitFFN(nn.Module):
         """Start copying the cold part's inputs to pinned host memory; returns (x, mask, done-event)."""
         if flat.device.type != "cuda" and (active is None or active.device.type != "cuda"):
             return flat.float(), None if active is None else active[self.n_hot:], None
+        if self.timer is not None:
+            self.timer.mark("gpu")  # attention and predictor
         x_host = self._pinned_buffer("x", flat.shape, torch.float32)
         x_host.copy_(flat, non_blocking=True)
         mask_host = None
         if active is not None:
             mask_host = self._pinned_buffer("mask", (self.n_ff - self.n_hot,), torch.bool)
             mask_host.copy_(active[self.n_hot:], non_blocking=True)
+        if self.timer is not None:
+            self.timer.mark("transfer")
         done = torch.cuda.Event()
         done.record()
         return x_host, mask_host, done
@@ -193,6 +208,27 @@ class SplitFFN(nn.Module):
     def _add_cold(self, y, x_host, mask_host, done):
         if done is not None:
             done.synchronize()  # waits for the predictor and the copies only, not the hot FFN
+        t = self.timer
+        with _cpu_time(t):
+            y_cold = self._cold_forward(x_host, mask_host)
+        if y_cold is None:  # nothing active on the CPU: the hot device never waits for it
+            return y if y is not None else x_host.new_zeros(x_host.shape)
+        if y is None:
+            return y_cold
+        if y.device.type == "cuda":
+            with _cpu_time(t):
+                staged = self._pinned_buffer("y", y_cold.shape, torch.float32)
+                staged.copy_(y_cold)
+            if t is not None:
+                t.mark("idle")  # the stream waited for the CPU's part
+            y_cold = staged.to(y.device, non_blocking=True)
+            if t is not None:
+                t.mark("transfer")
+            return y + y_cold.to(y.dtype)
+        return y + y_cold.to(y.dtype)
+
+    def _cold_forward(self, x_host, mask_host):
+        """The CPU rows' output (None when none of them is active)."""
         gate, up, down_t = self.cold
         strategy = self.layer.strategy
         if strategy == "dense":
@@ -204,16 +240,10 @@ class SplitFFN(nn.Module):
                 mask_host = self._keep(h, self.n_hot)
             idx = mask_host.nonzero()[:, 0]
             self.counts.cold += idx.numel()
-            if idx.numel() == 0:  # nothing active on the CPU: the hot device never waits for it
-                return y if y is not None else x_host.new_zeros(x_host.shape)
+            if idx.numel() == 0:
+                return None
             y_cold = self._rows_forward(x_host, h, gate, up, down_t, idx, mask_host)
-        if y is None:
-            return y_cold
-        if y.device.type == "cuda":
-            staged = self._pinned_buffer("y", y_cold.shape, torch.float32)
-            staged.copy_(y_cold)
-            return y + staged.to(y.device, non_blocking=True).to(y.dtype)
-        return y + y_cold.to(y.dtype)
+        return y_cold
 
     def _rows_forward(self, x, h, gate, up, down_t, idx, mask):
         """The FFN over the rows in `idx` (`h`: precomputed activations of every row, or None)."""
@@ -224,6 +254,14 @@ class SplitFFN(nn.Module):
         idx32 = idx.to(torch.int32)
         h = kernels.sparse_gate_up(x, gate, up, idx32, self.activation) if h is None else h[:, idx].contiguous()
         return kernels.sparse_down(h, down_t, idx32)
+
+
+def _cpu_time(timer):
+    return timer.cpu() if timer is not None else contextlib.nullcontext()
+
+
+def _move(x, device, dtype, timer):
+    return timer.move(x, device, dtype) if timer is not None else x.to(device, dtype)
 
 
 def _dense_rows(x, gate, up, down_t, activation, mask):
@@ -264,6 +302,16 @@ class HybridTransformer(nn.Module):
             layer.attention_device == hot and layer.n_hot == self.args.intermediate_size
             for layer in plan.layers)
 
+    @property
+    def timer(self):
+        return self.ffns[0].timer if len(self.ffns) else None
+
+    @timer.setter
+    def timer(self, value) -> None:
+        """Attach a `runtime.timing.PhaseTimer` (None: detach); never while a CUDA graph is captured."""
+        for ffn in self.ffns:
+            ffn.timer = value
+
     def make_cache(self, batch_size: int, max_seq_len: int):
         from powerinfer.runtime.kv_cache import KVCache
 
@@ -272,6 +320,7 @@ class HybridTransformer(nn.Module):
                                  [self.plan.device_dtype(d) for d in devices], devices)
 
     def forward(self, tokens, positions, cache=None, last_logits_only: bool = False):
+        t = self.timer
         x = self.embed_tokens(tokens.to(self.plan.embed_device))
         per_device = {}
         for block, ffn, layer in zip(self.attention_layers, self.ffns, self.plan.layers):
@@ -282,13 +331,19 @@ class HybridTransformer(nn.Module):
                 mask = cache.attention_mask(pos) if cache is not None else None
                 per_device[device] = (angles.cos(), angles.sin(), pos, mask)
             cos, sin, pos, mask = per_device[device]
-            x = x.to(device, self.plan.device_dtype(device))
-            x = x + block.self_attn(block.input_layernorm(x), cos, sin, pos, cache, mask)
-            x = x + ffn(block.post_attention_layernorm(x))
+            x = _move(x, device, self.plan.device_dtype(device), t)
+            with _cpu_time(t if device.type == "cpu" else None):
+                x = x + block.self_attn(block.input_layernorm(x), cos, sin, pos, cache, mask)
+                x = x + ffn(block.post_attention_layernorm(x))
         if last_logits_only:
             x = x[:, -1:]
-        x = x.to(self.plan.head_device, self.plan.device_dtype(self.plan.head_device))
-        return self.lm_head(self.norm(x)).float()
+        head = self.plan.head_device
+        x = _move(x, head, self.plan.device_dtype(head), t)
+        with _cpu_time(t if head.type == "cpu" else None):
+            logits = self.lm_head(self.norm(x)).float()
+        if t is not None:
+            t.mark("gpu" if head.type == "cuda" else "idle")
+        return logits
 
 
 def plan_for_mode(mode: str, args, hot_device, hot_dtype, placement: dict | None = None,
