@@ -8,9 +8,15 @@
 """
 
 import os
+import sys
+import warnings
 
 # torch and numba each bring an OpenMP runtime; spinning idle threads of one steal the cores of the other
 # when dense torch ops and sparse numba kernels alternate (measured 3-10x slowdowns on 2 cores).
+if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+    # too late: the OpenMP runtime read its settings when torch was imported (measured: CPU kernels 50x slower)
+    warnings.warn("torch was imported before powerinfer: CPU sparse kernels may run many times slower; import "
+                  "powerinfer first or set OMP_WAIT_POLICY=PASSIVE in the environment", stacklevel=2)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from powerinfer.api import load  # noqa: E402

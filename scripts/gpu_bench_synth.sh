@@ -13,7 +13,7 @@
 # smoke.log, bench_7b.{log,json}, bench_13b.{log,json}, peer_7b.{log,json}.
 #
 # Device call (from the repository root):  OUT=$OUT bash scripts/gpu_bench_synth.sh
-# Knobs: BUDGET_S (whole script, default 560), GEN_TOKENS (128), REPEATS (2), THREADS (16), PEER (0).
+# Knobs: BUDGET_S (whole script, default 560), SMOKE_S (smoke step, default 150), GEN_TOKENS (128), REPEATS (2), THREADS (16), PEER (0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench-synth}
@@ -57,7 +57,7 @@ EOF
 } 2>&1 | tee -a "$LOG"
 
 BENCH=(python3 -m powerinfer bench --threads "$THREADS")
-run_step smoke 150 "${BENCH[@]}" --synth tiny --modes gpu,dense-gpu,offload,hybrid --vram-budget 0.0055 \
+run_step smoke "${SMOKE_S:-150}" "${BENCH[@]}" --synth tiny --modes gpu,dense-gpu,offload,hybrid --vram-budget 0.0055 \
     --prompt-tokens 16 --gen-tokens 16 --repeats 1 --bandwidth-mib 256
 
 limit=$(( $(left) < 380 ? $(left) : 380 ))

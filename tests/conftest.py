@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import powerinfer  # noqa: F401  (before any test module imports torch: it sets OMP_WAIT_POLICY)
+
 
 @pytest.fixture(scope="session")
 def tiny_relu_model():

@@ -26,6 +26,7 @@ RANK_LADDER = (16, 32, 64, 128, 256, 512, 1024)
 RECALL_TARGETS = (0.99, 0.95)  # stricter operating points the build also measures
 HOLDOUT_FRACTION = 0.2
 MAX_POS_WEIGHT = 10.0
+STEPS_PER_EPOCH = 64
 
 
 def recall_targets(recall: float) -> list[float]:
@@ -107,13 +108,17 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
     if n < 10:
         raise PowerInferError(f"only {n} profiled tokens per layer; profile more text to train predictors")
     split = n - max(1, round(HOLDOUT_FRACTION * n))
+    batch_size = max(batch_size, split // STEPS_PER_EPOCH)  # many tokens: bigger batches, not more steps
     x = inputs.to(device=device, dtype=torch.float32)
     y = labels.to(device)
     ffn_parameters = 3 * d * n_ff
     budget = max_fraction * ffn_parameters
     ranks = [r for r in ladder if predictor_parameters(d, r, n_ff) <= budget]
-    if not ranks:  # an FFN too small for the ladder: the largest rank within the budget
-        ranks = [max(1, int((budget - n_ff) // (d + n_ff)))]
+    # the ladder's next step may just miss the budget: also try the largest rank within it (a multiple of 16)
+    largest = int((budget - n_ff) // (d + n_ff))
+    largest = largest - largest % 16 if largest >= 16 else max(1, largest)
+    if not ranks or (largest > ranks[-1] and largest < max(ladder)):
+        ranks.append(largest)
     best, tried = None, []
     for rank in ranks:
         predictor = _train(x[:split], y[:split], rank, epochs, batch_size, lr, seed)

@@ -295,7 +295,8 @@ class HybridTransformer(nn.Module):
                                       predictors[i] if predictors else None, self.counts))
             block.mlp = nn.Identity()  # the split FFN replaces it; drop the dense copy
             self.attention_layers.append(block)
-        self.inv_freq = model.inv_freq.to(CPU)
+        # one copy per device: a host-to-device copy inside a captured CUDA graph is not allowed
+        self.inv_freq = {d: model.inv_freq.to(d) for d in {layer.attention_device for layer in plan.layers}}
         hot = plan.hot_device
         # a step can be captured in a CUDA graph only if it never leaves the GPU
         self.supports_cuda_graphs = hot.type == "cuda" and plan.embed_device == hot == plan.head_device and all(
@@ -327,7 +328,7 @@ class HybridTransformer(nn.Module):
             device = layer.attention_device
             if device not in per_device:
                 pos = positions.to(device)
-                angles = pos.float()[:, None] * self.inv_freq.to(device)[None, :]
+                angles = pos.float()[:, None] * self.inv_freq[device][None, :]
                 mask = cache.attention_mask(pos) if cache is not None else None
                 per_device[device] = (angles.cos(), angles.sin(), pos, mask)
             cos, sin, pos, mask = per_device[device]
