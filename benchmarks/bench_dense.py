@@ -17,12 +17,12 @@ import time
 import warnings
 from pathlib import Path
 
+import powerinfer  # first: it sets OMP_WAIT_POLICY before torch loads its OpenMP runtime
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, write_json  # noqa: E402
 
-import powerinfer  # noqa: E402
 from powerinfer.loading import default_model_path  # noqa: E402
 from powerinfer.runtime import SamplingParams  # noqa: E402
 

@@ -193,6 +193,34 @@ def test_should_use_dense():
     assert should_use_dense(k, 10_000, 512) and not should_use_dense(k, 10_000, 1)
 
 
+@pytest.mark.parametrize("serial", [True, False])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_tokens", [1, 3])
+@pytest.mark.parametrize("shape", [(1, 1), (N_FF, D), (2003, 577)])
+def test_cpu_gemv_matches_reference(shape, n_tokens, weight_dtype, serial, monkeypatch):
+    from powerinfer.kernels import cpu
+
+    monkeypatch.setattr(cpu, "GEMV_SERIAL_MAX_BYTES", 1 << 40 if serial else 0)
+    torch.manual_seed(n_tokens)
+    w = torch.randn(shape).to(weight_dtype)
+    x = torch.randn(n_tokens, shape[1])
+    torch.testing.assert_close(cpu.dense_gemv(x, w), x @ w.float().T, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_dispatcher():
+    from powerinfer.kernels import dense, linear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(301, 577), torch.randn(301)
+    few, many = torch.randn(1, 3, 577), torch.randn(1, dense.GEMV_MAX_TOKENS + 1, 577)
+    with torch.inference_mode():
+        assert dense.use_gemv_kernel(few, w) and not dense.use_gemv_kernel(many, w)
+        assert not dense.use_gemv_kernel(few.half(), w.half())
+        for x in (few, many):
+            torch.testing.assert_close(linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4)
+    assert not dense.use_gemv_kernel(few, w)  # autograd on: torch keeps the graph
+
+
 # ---------------------------------------------------------------- CUDA (Triton) kernels
 
 GPU_SHAPES = [(D, N_FF), (1031, 2003)]  # the second spans several d blocks and down splits

@@ -4,6 +4,7 @@ The public entry points are the dispatchers in ``sparse_ffn``; ``cpu`` (numba) a
 ``triton_gpu`` (Triton, imported on first use with CUDA tensors) hold the fast kernels.
 """
 
+from powerinfer.kernels.dense import linear, linear_reference
 from powerinfer.kernels.sparse_ffn import (
     ACTIVATIONS,
     compact_active,
@@ -21,6 +22,8 @@ __all__ = [
     "ACTIVATIONS",
     "compact_active",
     "compact_active_reference",
+    "linear",
+    "linear_reference",
     "select_backend",
     "set_num_threads",
     "should_use_dense",

@@ -225,3 +225,38 @@ def sparse_down(
     n_tasks = max(1, min(idx_np.shape[0], _TASKS_PER_THREAD * threads, max(threads, affordable)))
     _down_kernel(_float32_array(h), _weight_array(w_down_t), idx_np, n_tasks, out.numpy())
     return out
+
+
+@njit(**_JIT)
+def _gemv_kernel(x, w, n_tasks, out):
+    n_tokens, d = x.shape
+    rows = w.shape[0]
+    for task in prange(n_tasks):
+        bits = np.empty(d, np.uint32)
+        scratch = bits.view(np.float32)
+        for j in range(task * rows // n_tasks, (task + 1) * rows // n_tasks):
+            row = _as_float32_row(w[j], bits, scratch)
+            for t in range(n_tokens):
+                x_t = x[t]
+                acc = np.float32(0.0)
+                for i in range(d):
+                    acc += x_t[i] * row[i]
+                out[t, j] = acc
+
+
+# Below this many weight bytes one thread beats waking the pool (2-core VM, float32: serial ~21 GB/s at
+# every size; parallel 13 GB/s at 1.3 MB, 25 GB/s at 7 MB, 29 GB/s at 113 MB).
+GEMV_SERIAL_MAX_BYTES = 4 << 20
+_gemv_kernel_serial = njit(fastmath=_FASTMATH, cache=True, nogil=True)(_gemv_kernel.py_func)
+
+
+def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y[T, n] = x @ w^T for a few tokens: each weight row streamed once (float32/bfloat16 weights)."""
+    w_np = _weight_array(w)
+    out = _output(out, (x.shape[0], w_np.shape[0]))
+    if w_np.nbytes <= GEMV_SERIAL_MAX_BYTES or numba.get_num_threads() == 1:
+        _gemv_kernel_serial(_float32_array(x), w_np, 1, out.numpy())
+        return out
+    n_tasks = max(1, min(w_np.shape[0], _TASKS_PER_THREAD * numba.get_num_threads()))
+    _gemv_kernel(_float32_array(x), w_np, n_tasks, out.numpy())
+    return out

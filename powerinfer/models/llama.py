@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from powerinfer.errors import UnsupportedModelError
+from powerinfer.kernels.dense import linear
 
 ACTIVATIONS = ("silu", "relu", "drelu", "gelu_tanh")
 # Hugging Face `hidden_act` spellings of the four activations.
@@ -158,6 +159,13 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose few-token CPU products use the bandwidth-bound GEMV kernel (kernels/dense.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
@@ -165,8 +173,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = (
             args.num_attention_heads, args.num_key_value_heads, args.head_dim)
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(args.hidden_size, qkv_out, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=args.o_bias)
+        self.qkv_proj = Linear(args.hidden_size, qkv_out, bias=args.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, args.hidden_size, bias=args.o_bias)
 
     def forward(self, x, cos, sin, positions, cache, mask):
         batch, seq, _ = x.shape
@@ -190,8 +198,8 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.activation = args.hidden_act
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -218,7 +226,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(args), persistent=False)

@@ -15,7 +15,7 @@ Items and their per-token CPU cost if left on the CPU (d: hidden size, c: CPU dt
 - attention of a layer: its weights plus reading its KV cache (half the context on average);
 - LM head: V·d·c; embeddings: one row, d·c (one item when tied).
 What must be on the GPU (the minimum working set): norms, the predictors when the strategy uses them,
-and the workspace (`workspace_bytes`). The KV cache of a layer lives with its attention.
+the workspace (`workspace_bytes`) and the allocator's rounding (`allocator_bytes`). The KV cache of a layer lives with its attention.
 Solved with `scipy.optimize.milp` (HiGHS); a greedy baseline (dense first, then the globally hottest
 neuron batches, PowerInfer-style) is reported for comparison.
 """
@@ -78,13 +78,27 @@ def workspace_bytes(config: dict, ctx: int, prefill_chunk: int, gpu_dtype: str, 
     return g * elements + (t * s.n_ff if with_predictor else 0) + 4 * s.vocab + 4 * t * s.d
 
 
+def allocator_bytes(config: dict, ctx: int, gpu_dtype: str) -> int:
+    """What PyTorch's CUDA caching allocator may reserve beyond the tensors: each tensor of 10 MiB or more
+    gets its own segment rounded up to 2 MiB; those of 1-10 MiB are cut from 20 MiB segments, smaller ones
+    from 2 MiB blocks (one partly used segment of each). Bounded with every tensor at its full size."""
+    s, g = _Shapes.from_config(config), DTYPE_BYTES[gpu_dtype]
+    per_layer = [s.d * (s.q + 2 * s.kv), s.q * s.d, ctx * s.kv, ctx * s.kv, s.d * s.n_ff, s.d * s.n_ff,
+                 s.d * s.n_ff]  # qkv, o, K and V caches, gate, up, down
+    sizes = [g * n for n in per_layer] + [g * s.vocab * s.d] * 2
+    large = sum(n >= 10 * MiB for n in sizes[:len(per_layer)]) * s.layers + sum(n >= 10 * MiB for n in sizes[-2:])
+    mid_segment = 20 * MiB if any(MiB <= n < 10 * MiB for n in sizes) else 0
+    return 2 * MiB * large + mid_segment + 2 * MiB
+
+
 def required_gpu_bytes(config: dict, ctx: int, gpu_dtype: str = "float16", prefill_chunk: int = 512,
                        predictor_parameters: list[int] | None = None) -> dict:
-    """The minimum working set by category: norms, predictors (None: not used) and workspace."""
+    """The minimum working set by category: norms, predictors (None: not used), workspace, allocator."""
     s, g = _Shapes.from_config(config), DTYPE_BYTES[gpu_dtype]
     return {"norms": g * s.d * (2 * s.layers + 1),
             "predictors": g * sum(predictor_parameters) if predictor_parameters is not None else 0,
-            "workspace": workspace_bytes(config, ctx, prefill_chunk, gpu_dtype, predictor_parameters is not None)}
+            "workspace": workspace_bytes(config, ctx, prefill_chunk, gpu_dtype, predictor_parameters is not None),
+            "allocator": allocator_bytes(config, ctx, gpu_dtype)}
 
 
 def check_vram_budget(vram_budget_bytes: float, required: dict, ctx: int) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from powerinfer import kernels
-from powerinfer.models.llama import ffn_activation
+from powerinfer.models.llama import Linear, ffn_activation
 
 MODES = ("hybrid", "gpu", "cpu", "dense", "offload")
 CPU = torch.device("cpu")
@@ -123,7 +123,8 @@ class SplitFFN(nn.Module):
     def _rows(gate, up, down_t, start, stop, device, dtype):
         if stop <= start:
             return None
-        return [t[start:stop].to(device=device, dtype=dtype).contiguous() for t in (gate, up, down_t)]
+        # contiguous on the host first: a strided copy on the GPU would briefly hold the rows twice
+        return [t[start:stop].contiguous().to(device=device, dtype=dtype) for t in (gate, up, down_t)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, flat, t = x.shape, x.reshape(-1, x.shape[-1]), self.timer
@@ -280,7 +281,7 @@ class HybridTransformer(nn.Module):
         self.counts = NeuronCounts(plan.hot_device)
         self.embed_tokens = model.embed_tokens.to(plan.embed_device, plan.device_dtype(plan.embed_device))
         self.norm = model.norm.to(plan.head_device, plan.device_dtype(plan.head_device))
-        self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False)
+        self.lm_head = Linear(self.args.hidden_size, self.args.vocab_size, bias=False)
         self.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().to(
             plan.head_device, plan.device_dtype(plan.head_device)), requires_grad=False)
         self.attention_layers = nn.ModuleList()
@@ -389,6 +390,7 @@ def offload_layers_for_budget(args, budget_bytes: int, context: int, dtype_bytes
     d, n_ff, hd = args.hidden_size, args.intermediate_size, args.head_dim
     attention = d * (args.num_attention_heads + 2 * args.num_key_value_heads) * hd + args.num_attention_heads * hd * d
     per_layer = (attention + 3 * d * n_ff) * dtype_bytes + 2 * context * args.num_key_value_heads * hd * dtype_bytes
+    per_layer += 7 * 2 * 2**20  # the caching allocator rounds each large tensor up to 2 MiB
     reserve = args.vocab_size * d * dtype_bytes + 64 * 2**20  # output head + activations/allocator slack
     return max(0, min(args.num_hidden_layers, (budget_bytes - reserve) // per_layer))
 

@@ -96,7 +96,7 @@ class Generator:
             self._token.copy_(token.view(1, 1))
             self._position.fill_(position)
             self._graph.replay()
-            return self._logits[:, -1]
+            return self._logits[:, -1].clone()  # the graph's output buffer is overwritten by the next replay
         self.cache.set_window(position + 1)
         positions = torch.tensor([position], device=self.device)
         return self.model(token.view(1, 1), positions, self.cache)[:, -1]
