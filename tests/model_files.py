@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from powerinfer.loading.gguf_export import add_fields  # noqa: F401  (tests import it from here)
 
 
 def byte_level_tokenizer(extra_special: tuple[str, ...] = ("<s>", "</s>")):
@@ -93,21 +94,6 @@ def write_gguf(path: Path, config: dict, hf_weights: dict[str, torch.Tensor], qt
     w.write_tensors_to_file()
     w.close()
     return path
-
-
-def add_fields(writer, fields: dict) -> None:
-    """Write metadata fields with the GGUF value type their Python type implies."""
-    for key, value in fields.items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
 
 
 def byte_level_gguf_tokenizer() -> dict:

@@ -9,6 +9,8 @@ from powerinfer.kernels import sparse_ffn
 from powerinfer.kernels.activations import ACTIVATIONS
 from powerinfer.kernels.sparse_ffn import (
     compact_active,
+    masked_ffn,
+    masked_ffn_reference,
     select_backend,
     should_use_dense,
     sparse_down,
@@ -59,7 +61,25 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 # ---------------------------------------------------------------- CPU (numba) kernels
 
 
+@pytest.fixture(params=["serial", "threads"])
+def cpu_path(request, monkeypatch):
+    """Run a CPU kernel test through the single-thread kernels and through numba's thread pool."""
+    from powerinfer.kernels import cpu
+
+    monkeypatch.setattr(cpu, "SERIAL_MAX_BYTES", 1 << 40 if request.param == "serial" else -1)
+    if request.param == "serial":
+        yield
+        return
+    if cpu.numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread: every call is serial")
+    before = cpu.numba.get_num_threads()
+    cpu.set_num_threads(2)  # an earlier test (e.g. a CLI run with --threads 1) may have set one
+    yield
+    cpu.set_num_threads(before)
+
+
 @needs_numba
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("set_name", SET_NAMES)
 @pytest.mark.parametrize("n_tokens", [1, 3])
@@ -74,6 +94,7 @@ def test_cpu_gate_up_matches_reference(activation, n_tokens, set_name, weight_dt
 
 
 @needs_numba
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("set_name", SET_NAMES)
 @pytest.mark.parametrize("n_tokens", [1, 3])
@@ -88,6 +109,30 @@ def test_cpu_down_matches_reference(n_tokens, set_name, weight_dtype):
 
 
 @needs_numba
+@pytest.mark.usefixtures("cpu_path")
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("set_name", SET_NAMES)
+@pytest.mark.parametrize("n_tokens", [1, 3])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cpu_masked_ffn_matches_reference(activation, n_tokens, set_name, weight_dtype):
+    x, (w_gate, w_up, w_down_t) = make_ffn(D, N_FF, n_tokens, seed=n_tokens, dtype=weight_dtype)
+    mask = torch.zeros(N_FF, dtype=torch.bool)
+    mask[active_sets(N_FF, torch.Generator().manual_seed(2))[set_name].long()] = True
+    y, k = masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, use_kernel=True)
+    want, want_k = masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation)
+    assert k == want_k == int(mask.sum())
+    torch.testing.assert_close(y, want, **F32_TOL)
+
+
+def test_masked_ffn_rejects_a_bad_mask():
+    x, (w_gate, w_up, w_down_t) = make_ffn(D, N_FF, 1, seed=0)
+    for mask in (torch.zeros(N_FF), torch.zeros(N_FF + 1, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="bool"):
+            masked_ffn(x, w_gate, w_up, w_down_t, mask, "relu")
+
+
+@needs_numba
+@pytest.mark.usefixtures("cpu_path")
 def test_cpu_down_many_threads_worth_of_rows():
     # More rows than tasks, so several partial sums are reduced.
     _, (_, _, w_down_t) = make_ffn(257, 1001, 2, seed=2)
@@ -193,20 +238,21 @@ def test_should_use_dense():
     assert should_use_dense(k, 10_000, 512) and not should_use_dense(k, 10_000, 1)
 
 
-@pytest.mark.parametrize("serial", [True, False])
+@needs_numba
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_tokens", [1, 3])
 @pytest.mark.parametrize("shape", [(1, 1), (N_FF, D), (2003, 577)])
-def test_cpu_gemv_matches_reference(shape, n_tokens, weight_dtype, serial, monkeypatch):
+def test_cpu_gemv_matches_reference(shape, n_tokens, weight_dtype):
     from powerinfer.kernels import cpu
 
-    monkeypatch.setattr(cpu, "GEMV_SERIAL_MAX_BYTES", 1 << 40 if serial else 0)
     torch.manual_seed(n_tokens)
     w = torch.randn(shape).to(weight_dtype)
     x = torch.randn(n_tokens, shape[1])
     torch.testing.assert_close(cpu.dense_gemv(x, w), x @ w.float().T, atol=1e-4, rtol=1e-4)
 
 
+@needs_numba
 def test_linear_dispatcher():
     from powerinfer.kernels import dense, linear
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from powerinfer.errors import PowerInferError
 from powerinfer.runtime import SamplingParams
 
 
@@ -57,16 +58,26 @@ def sampling_from_args(args) -> SamplingParams:
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
-def load_generator(args):
-    import torch
+def set_threads(threads: int | None) -> None:
+    """torch's and the CPU kernels' thread counts (None: their defaults)."""
+    import os
 
-    import powerinfer
+    import torch
 
     from powerinfer import kernels
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        kernels.set_num_threads(args.threads)
+    if not threads:
+        return
+    if threads > (os.cpu_count() or 1):
+        raise PowerInferError(f"--threads {threads} is more than the {os.cpu_count()} cores here")
+    torch.set_num_threads(threads)
+    kernels.set_num_threads(threads)
+
+
+def load_generator(args):
+    import powerinfer
+
+    set_threads(args.threads)
     return powerinfer.load(args.model, device=args.device, dtype=args.dtype, context=args.ctx,
                            cuda_graphs=False if args.no_cuda_graphs else None, mode=args.mode,
                            vram_budget=args.vram_budget)

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from powerinfer.commands._common import _number, positive_float, positive_int
+from powerinfer.commands._common import _number, positive_float, positive_int, set_threads
 
 HELP = "benchmark decode and prefill speed of executor modes on one model (or a synthetic one), side by side"
 open_unit = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
@@ -176,7 +176,6 @@ def run(args) -> int:
     import torch
 
     import powerinfer
-    from powerinfer import kernels
     from powerinfer.bench import (environment, format_table, measure_bandwidths, plot_results, require_matplotlib,
                                   run_hf_accelerate, run_mode)
     from powerinfer.errors import PowerInferError
@@ -186,12 +185,7 @@ def run(args) -> int:
         return _plot_from(args)
     if args.synth and args.model:
         raise PowerInferError("--synth and --model are alternatives: pass one of them")
-    if args.threads:
-        import os
-        if args.threads > (os.cpu_count() or 1):
-            raise PowerInferError(f"--threads {args.threads} is more than the {os.cpu_count()} cores here")
-        torch.set_num_threads(args.threads)
-        kernels.set_num_threads(args.threads)
+    set_threads(args.threads)
     cuda = torch.cuda.is_available()
     checkpoint = None if args.synth else open_checkpoint(args.model)
     artifact = bool(args.synth) or checkpoint.format == "artifact"

@@ -34,8 +34,9 @@ def resolve_compute(args) -> str:
     """Apply --threads; the device to use."""
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from powerinfer.commands._common import set_threads
+
+    set_threads(args.threads)
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -66,10 +66,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import torch
+    from powerinfer.commands._common import set_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.build_tiny:
         from powerinfer.offline.tiny import ensure_tiny_relu_model
         path = ensure_tiny_relu_model(show_progress=True)

@@ -157,6 +157,19 @@ def _down_kernel(h, w_down_t, idx, n_tasks, out):
             out_block += partial[task, :, lo:hi]
 
 
+# Calls reading at most this many weight bytes run on the calling thread: waking numba's pool costs more
+# (2-core VM, float32 GEMV: serial ~21 GB/s at every size; parallel 13 GB/s at 1.3 MB, 25 GB/s at 7 MB,
+# 29 GB/s at 113 MB; tiny ReLU model decode: 2 threads slower than 1 with every call parallel).
+SERIAL_MAX_BYTES = 4 << 20
+_SERIAL_JIT = dict(fastmath=_FASTMATH, cache=True, nogil=True)
+_gate_up_kernel_serial = njit(**_SERIAL_JIT)(_gate_up_kernel.py_func)
+_down_kernel_serial = njit(**_SERIAL_JIT)(_down_kernel.py_func)
+
+
+def _serial(weight_bytes: int) -> bool:
+    return weight_bytes <= SERIAL_MAX_BYTES or numba.get_num_threads() == 1
+
+
 def _weight_array(w: torch.Tensor) -> np.ndarray:
     # A silent .contiguous() here would copy the whole matrix on every call.
     if not w.is_contiguous():
@@ -202,10 +215,12 @@ def sparse_gate_up(
     code = activation_code(activation)
     idx_np = _index_array(idx, w_gate.shape[0])
     out = _output(out, (x.shape[0], idx_np.shape[0]))
+    w_gate, w_up = _weight_array(w_gate), _weight_array(w_up)
+    if _serial(2 * idx_np.shape[0] * w_gate.shape[1] * w_gate.itemsize):
+        _gate_up_kernel_serial(_float32_array(x), w_gate, w_up, idx_np, code, 1, out.numpy())
+        return out
     n_tasks = max(1, min(idx_np.shape[0], _TASKS_PER_THREAD * numba.get_num_threads()))
-    _gate_up_kernel(
-        _float32_array(x), _weight_array(w_gate), _weight_array(w_up), idx_np, code, n_tasks, out.numpy()
-    )
+    _gate_up_kernel(_float32_array(x), w_gate, w_up, idx_np, code, n_tasks, out.numpy())
     return out
 
 
@@ -220,10 +235,14 @@ def sparse_down(
     idx_np = _index_array(idx, w_down_t.shape[0])
     n_tokens, d = h.shape[0], w_down_t.shape[1]
     out = _output(out, (n_tokens, d))
+    w_down_t = _weight_array(w_down_t)
+    if _serial(idx_np.shape[0] * d * w_down_t.itemsize):
+        _down_kernel_serial(_float32_array(h), w_down_t, idx_np, 1, out.numpy())
+        return out
     threads = numba.get_num_threads()
     affordable = _PARTIAL_BYTES_BUDGET // max(1, 4 * n_tokens * d)
     n_tasks = max(1, min(idx_np.shape[0], _TASKS_PER_THREAD * threads, max(threads, affordable)))
-    _down_kernel(_float32_array(h), _weight_array(w_down_t), idx_np, n_tasks, out.numpy())
+    _down_kernel(_float32_array(h), w_down_t, idx_np, n_tasks, out.numpy())
     return out
 
 
@@ -244,19 +263,85 @@ def _gemv_kernel(x, w, n_tasks, out):
                 out[t, j] = acc
 
 
-# Below this many weight bytes one thread beats waking the pool (2-core VM, float32: serial ~21 GB/s at
-# every size; parallel 13 GB/s at 1.3 MB, 25 GB/s at 7 MB, 29 GB/s at 113 MB).
-GEMV_SERIAL_MAX_BYTES = 4 << 20
-_gemv_kernel_serial = njit(fastmath=_FASTMATH, cache=True, nogil=True)(_gemv_kernel.py_func)
+_gemv_kernel_serial = njit(**_SERIAL_JIT)(_gemv_kernel.py_func)
 
 
 def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """y[T, n] = x @ w^T for a few tokens: each weight row streamed once (float32/bfloat16 weights)."""
     w_np = _weight_array(w)
     out = _output(out, (x.shape[0], w_np.shape[0]))
-    if w_np.nbytes <= GEMV_SERIAL_MAX_BYTES or numba.get_num_threads() == 1:
+    if _serial(w_np.nbytes):
         _gemv_kernel_serial(_float32_array(x), w_np, 1, out.numpy())
         return out
     n_tasks = max(1, min(w_np.shape[0], _TASKS_PER_THREAD * numba.get_num_threads()))
     _gemv_kernel(_float32_array(x), w_np, n_tasks, out.numpy())
     return out
+
+
+@njit(**_JIT)
+def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
+    n_tokens, d = x.shape
+    n = mask.shape[0]
+    partial = np.zeros((n_tasks, n_tokens, d), np.float32)
+    counts = np.zeros(n_tasks, np.int64)
+    for task in prange(n_tasks):
+        bits = np.empty((3, d), np.uint32)
+        scratch = bits.view(np.float32)
+        acc = partial[task]
+        h = np.empty(n_tokens, np.float32)
+        for j in range(task * n // n_tasks, (task + 1) * n // n_tasks):
+            if not mask[j]:
+                continue
+            counts[task] += 1
+            gate_row = _as_float32_row(w_gate[j], bits[0], scratch[0])
+            up_row = _as_float32_row(w_up[j], bits[1], scratch[1])
+            any_nonzero = False
+            for t in range(n_tokens):
+                x_t = x[t]
+                gate = np.float32(0.0)
+                up = np.float32(0.0)
+                for i in range(d):
+                    gate += x_t[i] * gate_row[i]
+                    up += x_t[i] * up_row[i]
+                h[t] = _gated(gate, up, code)
+                any_nonzero = any_nonzero or h[t] != 0
+            if not any_nonzero:  # a predicted neuron that stayed at zero: its down row is never read
+                continue
+            down_row = _as_float32_row(w_down_t[j], bits[2], scratch[2])
+            for t in range(n_tokens):
+                coeff = h[t]
+                acc_t = acc[t]
+                for c in range(d):
+                    acc_t[c] += coeff * down_row[c]
+    n_blocks = (d + _REDUCE_COLUMNS - 1) // _REDUCE_COLUMNS
+    for block in prange(n_blocks):
+        lo = block * _REDUCE_COLUMNS
+        hi = min(lo + _REDUCE_COLUMNS, d)
+        out_block = out[:, lo:hi]
+        out_block[:] = partial[0, :, lo:hi]
+        for task in range(1, n_tasks):
+            out_block += partial[task, :, lo:hi]
+    return counts.sum()
+
+
+_masked_ffn_kernel_serial = njit(**_SERIAL_JIT)(_masked_ffn_kernel.py_func)
+
+
+def masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, *, out: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, int]:
+    """(y[T, d], k): the FFN over the k neurons whose `mask` entry is set, one pass over their rows
+    (float32 or bfloat16 weights)."""
+    w_gate, w_up, w_down_t = _weight_array(w_gate), _weight_array(w_up), _weight_array(w_down_t)
+    mask_np = mask.detach().contiguous().numpy()
+    n_tokens, d = x.shape[0], w_down_t.shape[1]
+    out = _output(out, (n_tokens, d))
+    k = int(mask_np.sum())
+    code = activation_code(activation)
+    if _serial(3 * k * d * w_down_t.itemsize):
+        return out, int(_masked_ffn_kernel_serial(_float32_array(x), w_gate, w_up, w_down_t, mask_np, code, 1,
+                                                    out.numpy()))
+    threads = numba.get_num_threads()
+    affordable = _PARTIAL_BYTES_BUDGET // max(1, 4 * n_tokens * d)
+    n_tasks = max(1, min(mask_np.shape[0], _TASKS_PER_THREAD * threads, max(threads, affordable)))
+    return out, int(_masked_ffn_kernel(_float32_array(x), w_gate, w_up, w_down_t, mask_np, code, n_tasks,
+                                       out.numpy()))

@@ -103,11 +103,11 @@ def select_backend(
     return "reference"
 
 
-def _check_operands(acts: torch.Tensor, weights: tuple[torch.Tensor, ...], idx: torch.Tensor, width: int):
+def _check_operands(acts: torch.Tensor, weights: tuple[torch.Tensor, ...], idx: torch.Tensor | None, width: int):
     """acts must be [T, width]; weights share one [n_ff, d] shape; idx is 1-D integer."""
     if acts.dim() != 2 or acts.shape[1] != width:
         raise ValueError(f"expected a [T, {width}] input, got shape {tuple(acts.shape)}")
-    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+    if idx is not None and (idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool):
         raise ValueError("idx must be a 1-D integer tensor of neuron ids")
     for w in weights:
         if w.dim() != 2 or w.shape != weights[0].shape:
@@ -218,6 +218,29 @@ def sparse_down(
     return _cpu_kernels.sparse_down(h[:, :active], w_down_t, idx[:active], out=out)
 
 
+def masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation) -> tuple[torch.Tensor, int]:
+    """(y, k): the FFN over the k neurons whose bool `mask` entry is set (the two operators composed)."""
+    idx = mask.nonzero()[:, 0]
+    h = sparse_gate_up_reference(x, w_gate, w_up, idx, activation)
+    return sparse_down_reference(h, w_down_t, idx), idx.numel()
+
+
+def masked_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+               mask: torch.Tensor, activation: str, *, use_kernel: bool | None = None) -> tuple[torch.Tensor, int]:
+    """(y[T, d], k): gate/up and down over the neurons set in `mask` ([n_ff] bool), k of them.
+
+    On the CPU one numba pass scans the mask and streams each active neuron's three rows once (its down
+    row only when its h is nonzero); this saves the id list and two dispatches per layer, which dominate
+    small models. Elsewhere: the reference.
+    """
+    _check_operands(x, (w_gate, w_up, w_down_t), None, w_gate.shape[1])
+    if mask.dtype != torch.bool or mask.shape != (w_gate.shape[0],):
+        raise ValueError(f"mask must be a [{w_gate.shape[0]}] bool tensor")
+    if select_backend(x, w_gate, w_up, w_down_t, use_kernel=use_kernel) != "numba":
+        return masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation)
+    return _cpu_kernels.masked_ffn(x, w_gate, w_up, w_down_t, mask, activation)
+
+
 def compact_active_reference(mask: torch.Tensor, idx_out: torch.Tensor, count_out: torch.Tensor) -> None:
     """idx_out[:count] = ids of the nonzero mask entries (ascending); count_out[0] = count."""
     ids = mask.nonzero().flatten()
@@ -252,6 +275,8 @@ __all__ = [
     "ACTIVATIONS",
     "compact_active",
     "compact_active_reference",
+    "masked_ffn",
+    "masked_ffn_reference",
     "DENSE_CROSSOVER_FRACTION_DECODE",
     "DENSE_CROSSOVER_FRACTION_PREFILL",
     "select_backend",

@@ -231,20 +231,24 @@ class SplitFFN(nn.Module):
     def _cold_forward(self, x_host, mask_host):
         """The CPU rows' output (None when none of them is active)."""
         gate, up, down_t = self.cold
-        strategy = self.layer.strategy
-        if strategy == "dense":
-            y_cold = _dense_rows(x_host, gate, up, down_t, self.activation, None)
-        else:
-            h = None
-            if strategy == "exact-sparse-down":
-                h = ffn_activation(x_host @ gate.T, x_host @ up.T, self.activation)
-                mask_host = self._keep(h, self.n_hot)
-            idx = mask_host.nonzero()[:, 0]
-            self.counts.cold += idx.numel()
-            if idx.numel() == 0:
+        if self.layer.strategy == "dense":
+            return _dense_rows(x_host, gate, up, down_t, self.activation, None)
+        if self.layer.strategy == "predictor":
+            k = int(mask_host.sum())
+            self.counts.cold += k
+            if k == 0:
                 return None
-            y_cold = self._rows_forward(x_host, h, gate, up, down_t, idx, mask_host)
-        return y_cold
+            if kernels.should_use_dense(k, gate.shape[0], x_host.shape[0]):
+                return _dense_rows(x_host, gate, up, down_t, self.activation, mask_host)
+            return kernels.masked_ffn(x_host, gate, up, down_t, mask_host, self.activation)[0]
+        # exact-sparse-down: exact gate/up over every row, down over those that pass the threshold
+        h = ffn_activation(x_host @ gate.T, x_host @ up.T, self.activation)
+        keep = self._keep(h, self.n_hot)
+        idx = keep.nonzero()[:, 0]
+        self.counts.cold += idx.numel()
+        if idx.numel() == 0:
+            return None
+        return self._rows_forward(x_host, h, gate, up, down_t, idx, keep)
 
     def _rows_forward(self, x, h, gate, up, down_t, idx, mask):
         """The FFN over the rows in `idx` (`h`: precomputed activations of every row, or None)."""
