@@ -85,6 +85,7 @@ def test_prompt_longer_than_context():
     (["--device", "tpu"], "--device"),
     (["--dtype", "int3"], "--dtype"),
     (["--ctx", "many"], "--ctx"),
+    (["--threads", "100000"], "--threads"),
 ])
 def test_bad_flag_values(flags, word):
     assert_one_line_error(powerinfer("generate", *flags, "hi"), word)

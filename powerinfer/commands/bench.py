@@ -26,8 +26,10 @@ def add_arguments(p) -> None:
     p.add_argument("--skew", type=open_unit, default=0.8,
                    help="--synth: activation share of the hottest 20%% of neurons (default: 0.8)")
     p.add_argument("--seed", type=int, default=0, help="--synth: weights seed (default: 0)")
-    p.add_argument("--calib-tokens", type=positive_int, default=2048,
-                   help="--synth: random calibration tokens for the profile and predictors (default: 2048)")
+    p.add_argument("--calib-tokens", type=positive_int, default=None,
+                   help="--synth: random calibration tokens for the profile and predictors (default: 8192 with "
+                        "CUDA, 2048 without; on the tiny shape 2048 gave 0.87 predicted sparsity at recall 0.95, "
+                        "4096 gave 0.89, planted 0.90)")
     p.add_argument("--modes", default=None,
                    help="comma-separated: hybrid,gpu,dense-gpu,offload,cpu,dense-cpu,hf-accelerate (default: what "
                         "fits the model and machine)")
@@ -122,6 +124,7 @@ def _synthetic_artifact(args, context: int, dtype, cuda: bool, log):
     synth_s = time.perf_counter() - start
     print(f"synthesize: {synth_s:.1f} s (SYNTHETIC {args.synth}, drawn on {device})", file=log, flush=True)
     planted = loaded.checkpoint.planted
+    args.calib_tokens = args.calib_tokens or (8192 if cuda else 2048)
     tokens = torch.randint(2, loaded.args.vocab_size, (args.calib_tokens,),
                            generator=torch.Generator().manual_seed(args.seed + 1))
     artifact = build_in_memory(loaded, tokens, ctx=context, gpu_dtype=str(dtype).removeprefix("torch."),
