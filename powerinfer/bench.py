@@ -239,6 +239,74 @@ def decode_split(gen, prompt: list[int], tokens: int) -> tuple[dict, tuple[float
     return split, active
 
 
+# -- synthetic models and the transformers peer ---------------------------------------------------------
+
+def synthetic_artifact(shape: str, sparsity: float, skew: float, seed: int, calib_tokens: int, context: int,
+                       dtype: torch.dtype, cuda: bool, log):
+    """A SYNTHETIC model of `shape` (drawn on the GPU when there is one) and its in-memory artifact, built
+    from `calib_tokens` random token ids; returns (artifact, summary of the build)."""
+    import importlib.util
+
+    from powerinfer.offline.build import build_in_memory
+    from powerinfer.offline.synth import load_synthetic_model
+
+    device = "cuda" if cuda else "cpu"
+    progress = importlib.util.find_spec("tqdm") is not None
+    start = time.perf_counter()
+    # profiled in float16 on the GPU, float32 on the CPU (no fast float16 matmul there)
+    loaded = load_synthetic_model(shape, sparsity, skew, seed,
+                                  dtype=dtype if cuda else torch.float32, device=device, progress=progress)
+    synth_s = time.perf_counter() - start
+    print(f"synthesize: {synth_s:.1f} s (SYNTHETIC {shape}, drawn on {device})", file=log, flush=True)
+    planted = loaded.checkpoint.planted
+    tokens = torch.randint(2, loaded.args.vocab_size, (calib_tokens,),
+                           generator=torch.Generator().manual_seed(seed + 1))
+    artifact = build_in_memory(loaded, tokens, ctx=context, gpu_dtype=str(dtype).removeprefix("torch."),
+                               weights_dtype=dtype, seed=seed, progress=progress, log=log)
+    del loaded
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    layers = artifact.manifest["layers"]
+    planted_sparsity = [1 - planted[f"layers.{i}.frequency"].mean().item() for i in range(len(layers))]
+
+    def mean(values):
+        return round(sum(values) / len(values), 4)
+
+    summary = {
+        "shape_name": shape, "sparsity": sparsity, "skew": skew, "seed": seed,
+        "weights_device": device, "weights_dtype": str(dtype).removeprefix("torch."),
+        "calibration": f"{calib_tokens} random token ids",
+        "planted_sparsity_mean": mean(planted_sparsity),
+        "profiled_sparsity_mean": mean([layer["sparsity"] for layer in layers]),
+        "profiled_sparsity_min": round(min(layer["sparsity"] for layer in layers), 4),
+        "profiled_sparsity_max": round(max(layer["sparsity"] for layer in layers), 4),
+        "predicted_sparsity_mean": mean([layer["predicted_sparsity"] for layer in layers]),
+        "predictor_recall_mean": mean([layer["recall"] for layer in layers]),
+        "predictor_ranks": sorted({layer["rank"] for layer in layers}),
+        "seconds": {"synthesize": round(synth_s, 2), **artifact.manifest["build"]["seconds"]},
+    }
+    return artifact, summary
+
+
+def hf_directory(checkpoint, tmp_root: str, dtype):
+    """A Hugging Face directory of `checkpoint` for transformers: its own if it is one, else written (in
+    `dtype`) under `tmp_root` (an artifact's FFN is in hot-first order: the same function)."""
+    from pathlib import Path
+
+    from powerinfer.offline.synth import write_hf_checkpoint
+
+    if checkpoint.format == "hf":
+        return checkpoint.path
+    out = Path(tmp_root) / "hf"
+    if not out.exists():
+        out.mkdir()
+        config = dict(checkpoint.config, torch_dtype=str(dtype).removeprefix("torch."))
+        write_hf_checkpoint(out, config, checkpoint.weights(dtype), checkpoint.tokenizer)
+    return out
+
+
+
 # -- one mode ---------------------------------------------------------------------------------------------
 
 def run_mode(load_generator, mode: str, prompt_tokens: int, gen_tokens: int, repeats: int,

@@ -199,7 +199,7 @@ def test_existing_output_is_refused(synth_files, capsys):
 def test_in_memory_artifact_runs_like_the_model_and_exports_for_transformers(tmp_path):
     """The in-memory artifact of `bench --synth` (hot-first FFN) computes what its source computes, and the
     Hugging Face directory written from it for the hf-accelerate peer loads in transformers to the same."""
-    from powerinfer.commands.bench import _hf_directory
+    from powerinfer.bench import hf_directory
     from powerinfer.offline.build import build_in_memory
     from powerinfer.offline.synth import load_synthetic_model
 
@@ -211,7 +211,7 @@ def test_in_memory_artifact_runs_like_the_model_and_exports_for_transformers(tmp
     assert not torch.equal(artifact.tensors["model.layers.0.mlp.up_proj.weight"],
                            loaded.model.layers[0].mlp.gate_up_proj.weight[1024:])  # reordered hot-first
     torch.testing.assert_close(_logits(load_model(artifact)), expected, atol=1e-4, rtol=1e-4)
-    hf_dir = _hf_directory(artifact, str(tmp_path), torch.float32)
+    hf_dir = hf_directory(artifact, str(tmp_path), torch.float32)
     torch.testing.assert_close(_logits(load_model(hf_dir)), expected, atol=1e-4, rtol=1e-4)
     transformers = pytest.importorskip("transformers")
     with warnings.catch_warnings():

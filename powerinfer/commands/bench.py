@@ -105,73 +105,6 @@ def _modes(args, artifact: bool, cuda: bool) -> list[str]:
     return modes
 
 
-def _synthetic_artifact(args, context: int, dtype, cuda: bool, log):
-    """The --synth model built on the GPU when there is one, then its in-memory artifact."""
-    import gc
-    import importlib.util
-
-    import torch
-
-    from powerinfer.offline.build import build_in_memory
-    from powerinfer.offline.synth import load_synthetic_model
-
-    device = "cuda" if cuda else "cpu"
-    progress = importlib.util.find_spec("tqdm") is not None
-    start = time.perf_counter()
-    # profiled in float16 on the GPU, float32 on the CPU (no fast float16 matmul there)
-    loaded = load_synthetic_model(args.synth, args.sparsity, args.skew, args.seed,
-                                  dtype=dtype if cuda else torch.float32, device=device, progress=progress)
-    synth_s = time.perf_counter() - start
-    print(f"synthesize: {synth_s:.1f} s (SYNTHETIC {args.synth}, drawn on {device})", file=log, flush=True)
-    planted = loaded.checkpoint.planted
-    args.calib_tokens = args.calib_tokens or (8192 if cuda else 2048)
-    tokens = torch.randint(2, loaded.args.vocab_size, (args.calib_tokens,),
-                           generator=torch.Generator().manual_seed(args.seed + 1))
-    artifact = build_in_memory(loaded, tokens, ctx=context, gpu_dtype=str(dtype).removeprefix("torch."),
-                               weights_dtype=dtype, seed=args.seed, progress=progress, log=log)
-    del loaded
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    layers = artifact.manifest["layers"]
-    planted_sparsity = [1 - planted[f"layers.{i}.frequency"].mean().item() for i in range(len(layers))]
-
-    def mean(values):
-        return round(sum(values) / len(values), 4)
-
-    summary = {
-        "shape_name": args.synth, "sparsity": args.sparsity, "skew": args.skew, "seed": args.seed,
-        "weights_device": device, "weights_dtype": str(dtype).removeprefix("torch."),
-        "calibration": f"{args.calib_tokens} random token ids",
-        "planted_sparsity_mean": mean(planted_sparsity),
-        "profiled_sparsity_mean": mean([layer["sparsity"] for layer in layers]),
-        "profiled_sparsity_min": round(min(layer["sparsity"] for layer in layers), 4),
-        "profiled_sparsity_max": round(max(layer["sparsity"] for layer in layers), 4),
-        "predicted_sparsity_mean": mean([layer["predicted_sparsity"] for layer in layers]),
-        "predictor_recall_mean": mean([layer["recall"] for layer in layers]),
-        "predictor_ranks": sorted({layer["rank"] for layer in layers}),
-        "seconds": {"synthesize": round(synth_s, 2), **artifact.manifest["build"]["seconds"]},
-    }
-    return artifact, summary
-
-
-def _hf_directory(checkpoint, tmp_root: str, dtype):
-    """A Hugging Face directory of `checkpoint` for transformers: its own if it is one, else written (in
-    `dtype`) under `tmp_root` (an artifact's FFN is in hot-first order: the same function)."""
-    from pathlib import Path
-
-    from powerinfer.offline.synth import write_hf_checkpoint
-
-    if checkpoint.format == "hf":
-        return checkpoint.path
-    out = Path(tmp_root) / "hf"
-    if not out.exists():
-        out.mkdir()
-        config = dict(checkpoint.config, torch_dtype=str(dtype).removeprefix("torch."))
-        write_hf_checkpoint(out, config, checkpoint.weights(dtype), checkpoint.tokenizer)
-    return out
-
-
 def run(args) -> int:
     import shutil
     import tempfile
@@ -179,8 +112,8 @@ def run(args) -> int:
     import torch
 
     import powerinfer
-    from powerinfer.bench import (environment, format_table, measure_bandwidths, plot_results, require_matplotlib,
-                                  run_hf_accelerate, run_mode)
+    from powerinfer.bench import (environment, format_table, hf_directory, measure_bandwidths, plot_results,
+                                  require_matplotlib, run_hf_accelerate, run_mode, synthetic_artifact)
     from powerinfer.errors import PowerInferError
     from powerinfer.loading import open_checkpoint, resolve_dtype
 
@@ -202,7 +135,9 @@ def run(args) -> int:
 
     synthetic = None
     if args.synth:
-        checkpoint, synthetic = _synthetic_artifact(args, context, gpu_dtype, cuda, log)
+        args.calib_tokens = args.calib_tokens or (8192 if cuda else 2048)
+        checkpoint, synthetic = synthetic_artifact(args.synth, args.sparsity, args.skew, args.seed,
+                                                   args.calib_tokens, context, gpu_dtype, cuda, log)
     bandwidths = measure_bandwidths(cuda, args.bandwidth_mib)
     print(f"bandwidths (GB/s): {', '.join(f'{k} {v:g}' for k, v in bandwidths.items())}", file=log, flush=True)
     model_ref = checkpoint if args.synth else args.model
@@ -237,7 +172,7 @@ def run(args) -> int:
             print(f"benchmarking {mode} ...", file=log, flush=True)
             if mode == "hf-accelerate":
                 tmp_root = tmp_root or tempfile.mkdtemp(prefix="powerinfer-hf-")
-                result = run_hf_accelerate(_hf_directory(checkpoint, tmp_root, gpu_dtype), args.vram_budget,
+                result = run_hf_accelerate(hf_directory(checkpoint, tmp_root, gpu_dtype), args.vram_budget,
                                            args.prompt_tokens, args.gen_tokens, args.repeats, gpu_dtype, bandwidths)
             else:
                 result = run_mode(load, mode, args.prompt_tokens, args.gen_tokens, args.repeats, args.split_tokens,
