@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from powerinfer.kernels import sparse_ffn  # noqa: E402
-from powerinfer.kernels.sparse_ffn import compact_active, sparse_down, sparse_gate_up  # noqa: E402
+from powerinfer.kernels.sparse_ffn import compact_active, masked_ffn, sparse_down, sparse_gate_up  # noqa: E402
 
 D, N_FF = 4096, 11008  # LLaMA-7B FFN
 STREAM_BYTES = 1 << 30
@@ -105,6 +105,11 @@ def bench_cpu_stream(repeats):
 def bench_cpu_operators(density, repeats, stream_gbps, generator):
     w_gate, w_up, w_down_t = cpu_weights(generator)
     sets = disjoint_active_sets(N_FF, density, generator)
+    masks = []
+    for ids in sets:
+        mask = torch.zeros(N_FF, dtype=torch.bool)
+        mask[ids.long()] = True
+        masks.append(mask)
     k = sets[0].numel()
     results = {"density": density, "k": k}
     for n_tokens in (1, 16):
@@ -120,8 +125,10 @@ def bench_cpu_operators(density, repeats, stream_gbps, generator):
                  lambda ids: F.silu(x @ wg.index_select(0, ids).float().T) * (x @ wu.index_select(0, ids).float().T),
                  2 * k * row_bytes),
                 ("down_index_select_matmul", lambda ids: h @ wd.index_select(0, ids).float(), k * row_bytes),
+                # the fused gate/up/down over a mask (the executor's CPU path for predicted sets)
+                ("masked_ffn", lambda mask: masked_ffn(x, wg, wu, wd, mask, "silu"), 3 * k * row_bytes),
             ):
-                active = itertools.cycle(sets)
+                active = itertools.cycle(masks if name == "masked_ffn" else sets)
                 seconds = median_seconds(lambda: op(next(active)), repeats)
                 key = f"T{n_tokens}_{str(dtype).removeprefix('torch.')}_{name}"
                 results[key] = {

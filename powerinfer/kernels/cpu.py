@@ -285,17 +285,23 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
     partial = np.zeros((n_tasks, n_tokens, d), np.float32)
     counts = np.zeros(n_tasks, np.int64)
     for task in prange(n_tasks):
-        bits = np.empty((3, d), np.uint32)
-        scratch = bits.view(np.float32)
-        acc = partial[task]
-        h = np.empty(n_tokens, np.float32)
-        for j in range(task * n // n_tasks, (task + 1) * n // n_tasks):
+        lo = task * n // n_tasks
+        hi = (task + 1) * n // n_tasks
+        rows_bits = np.empty((_DOWN_ROWS, d), np.uint32)
+        rows_scratch = rows_bits.view(np.float32)
+        # pass 1: gate/up of this task's active neurons; keep those with a nonzero h (a predicted neuron
+        # that stays at zero never has its down row read)
+        rows = np.empty(hi - lo, np.int64)
+        h = np.empty((hi - lo, n_tokens), np.float32)
+        m = 0
+        active = 0  # counted locally: neighbouring tasks' counts share a cache line
+        for j in range(lo, hi):
             if not mask[j]:
                 continue
-            counts[task] += 1
-            gate_row = _as_float32_row(w_gate[j], bits[0], scratch[0])
-            up_row = _as_float32_row(w_up[j], bits[1], scratch[1])
-            any_nonzero = False
+            active += 1
+            gate_row = _as_float32_row(w_gate[j], rows_bits[0], rows_scratch[0])
+            up_row = _as_float32_row(w_up[j], rows_bits[1], rows_scratch[1])
+            nonzero = False
             for t in range(n_tokens):
                 x_t = x[t]
                 gate = np.float32(0.0)
@@ -303,16 +309,35 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
                 for i in range(d):
                     gate += x_t[i] * gate_row[i]
                     up += x_t[i] * up_row[i]
-                h[t] = _gated(gate, up, code)
-                any_nonzero = any_nonzero or h[t] != 0
-            if not any_nonzero:  # a predicted neuron that stayed at zero: its down row is never read
-                continue
-            down_row = _as_float32_row(w_down_t[j], bits[2], scratch[2])
+                value = _gated(gate, up, code)
+                h[m, t] = value
+                nonzero = nonzero or value != 0
+            if nonzero:
+                rows[m] = j
+                m += 1
+        counts[task] = active
+        # pass 2: the down AXPY, four rows per pass over the accumulator (as in _down_kernel)
+        acc = partial[task]
+        q = 0
+        while q + _DOWN_ROWS <= m:
+            r0 = _as_float32_row(w_down_t[rows[q]], rows_bits[0], rows_scratch[0])
+            r1 = _as_float32_row(w_down_t[rows[q + 1]], rows_bits[1], rows_scratch[1])
+            r2 = _as_float32_row(w_down_t[rows[q + 2]], rows_bits[2], rows_scratch[2])
+            r3 = _as_float32_row(w_down_t[rows[q + 3]], rows_bits[3], rows_scratch[3])
             for t in range(n_tokens):
-                coeff = h[t]
+                c0, c1, c2, c3 = h[q, t], h[q + 1, t], h[q + 2, t], h[q + 3, t]
                 acc_t = acc[t]
                 for c in range(d):
-                    acc_t[c] += coeff * down_row[c]
+                    acc_t[c] += c0 * r0[c] + c1 * r1[c] + c2 * r2[c] + c3 * r3[c]
+            q += _DOWN_ROWS
+        while q < m:
+            row = _as_float32_row(w_down_t[rows[q]], rows_bits[0], rows_scratch[0])
+            for t in range(n_tokens):
+                coeff = h[q, t]
+                acc_t = acc[t]
+                for c in range(d):
+                    acc_t[c] += coeff * row[c]
+            q += 1
     n_blocks = (d + _REDUCE_COLUMNS - 1) // _REDUCE_COLUMNS
     for block in prange(n_blocks):
         lo = block * _REDUCE_COLUMNS
