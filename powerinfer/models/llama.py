@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from powerinfer.errors import UnsupportedModelError
+from powerinfer.kernels.activations import gated_activation
 from powerinfer.kernels.dense import linear
 
 ACTIVATIONS = ("silu", "relu", "drelu", "gelu_tanh")
@@ -138,13 +139,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def ffn_activation(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
     """h = act(gate) * up — the per-neuron value whose zeros PowerInfer skips."""
-    if kind == "silu":
-        return F.silu(gate) * up
-    if kind == "relu":
-        return F.relu(gate) * up
-    if kind == "drelu":
-        return F.relu(gate) * F.relu(up)
-    return F.gelu(gate, approximate="tanh") * up
+    return gated_activation(gate, up, kind)
 
 
 class RMSNorm(nn.Module):
