@@ -31,11 +31,13 @@ OMP_WAIT_POLICY=PASSIVE in its environment, set before torch is imported.
 """
 
 import math
+import types
 
 import numba
 import numpy as np
 import torch
-from numba import njit, prange, types
+from numba import njit, prange
+from numba import types as nb_types
 from numba.extending import overload
 
 from powerinfer.kernels.activations import activation_code
@@ -81,7 +83,7 @@ def _as_float32_row(row, scratch_bits, scratch):
 @overload(_as_float32_row, inline="always")
 def _as_float32_row_impl(row, scratch_bits, scratch):
     # Chosen at compile time from the weight dtype, so float32 rows cost nothing.
-    if row.dtype == types.float32:
+    if row.dtype == nb_types.float32:
         return lambda row, scratch_bits, scratch: row
 
     def widen(row, scratch_bits, scratch):
@@ -161,9 +163,20 @@ def _down_kernel(h, w_down_t, idx, n_tasks, out):
 # (2-core VM, float32 GEMV: serial ~21 GB/s at every size; parallel 13 GB/s at 1.3 MB, 25 GB/s at 7 MB,
 # 29 GB/s at 113 MB; tiny ReLU model decode: 2 threads slower than 1 with every call parallel).
 SERIAL_MAX_BYTES = 4 << 20
-_SERIAL_JIT = dict(fastmath=_FASTMATH, cache=True, nogil=True)
-_gate_up_kernel_serial = njit(**_SERIAL_JIT)(_gate_up_kernel.py_func)
-_down_kernel_serial = njit(**_SERIAL_JIT)(_down_kernel.py_func)
+
+
+def _serial_variant(kernel):
+    """`kernel` compiled without threads, under its own name: numba's on-disk cache is keyed by the Python
+    function's name and line, so compiling the same function twice would load the parallel build for both
+    (measured: the "serial" down kernel then ran 4x slower than a fresh serial compile)."""
+    f = kernel.py_func
+    serial = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    serial.__qualname__ = f.__qualname__ + "_serial"
+    return njit(fastmath=_FASTMATH, cache=True, nogil=True)(serial)
+
+
+_gate_up_kernel_serial = _serial_variant(_gate_up_kernel)
+_down_kernel_serial = _serial_variant(_down_kernel)
 
 
 def _serial(weight_bytes: int) -> bool:
@@ -263,7 +276,7 @@ def _gemv_kernel(x, w, n_tasks, out):
                 out[t, j] = acc
 
 
-_gemv_kernel_serial = njit(**_SERIAL_JIT)(_gemv_kernel.py_func)
+_gemv_kernel_serial = _serial_variant(_gemv_kernel)
 
 
 def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -349,7 +362,7 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
     return counts.sum()
 
 
-_masked_ffn_kernel_serial = njit(**_SERIAL_JIT)(_masked_ffn_kernel.py_func)
+_masked_ffn_kernel_serial = _serial_variant(_masked_ffn_kernel)
 
 
 def masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, *, out: torch.Tensor | None = None

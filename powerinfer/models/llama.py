@@ -180,7 +180,7 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, positions, k, v)
-        if mask is None:  # no cache: plain causal attention over this sequence
+        if mask is None:  # no cache, or the tokens fill the cache window: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -47,8 +47,13 @@ class KVCache:
         self.values[layer].index_copy_(2, positions, v)
         return self.keys[layer][:, :, :self.window], self.values[layer][:, :, :self.window]
 
-    def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """[T, window] boolean mask: query at position p sees slots <= p (and > p - sliding_window)."""
+    def attention_mask(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """[T, window] boolean mask: query at position p sees slots <= p (and > p - sliding_window).
+
+        None when the T tokens fill the whole window: they are then positions 0..T-1 (the window covers
+        every written slot) and plain causal attention is the same thing, with a faster kernel."""
+        if len(positions) == self.window > 1 and (not self.sliding_window or self.sliding_window >= self.window):
+            return None
         slots = self._slots_on.get(positions.device)
         if slots is None:
             slots = self._slots_on[positions.device] = self._slots.to(positions.device)
