@@ -12,6 +12,13 @@ instead of converting the sparse activation pattern to a dense format.
   partials column block by column block, so no output element has two writers.
   (Partitioning over d instead was measured at half the bandwidth: each thread then
   reads short strided slices of every row.)
+* masked FFN: both of the above in one call over a per-neuron mask (the predictor's output), so
+  the executor's CPU part is one dispatch per layer; a neuron whose h stays 0 never has its down
+  row read.
+* dense GEMV: y = x @ W^T for a few tokens (decode), each row read once.
+
+Every kernel also has a single-threaded build, used below ``SERIAL_MAX_BYTES`` of weights, where
+waking the thread pool costs more than the work.
 
 Weights may be float32 or bfloat16. numba has no 16-bit float arithmetic, so bfloat16
 weights arrive as their raw int16 bit patterns (half the bytes to stream) and are
