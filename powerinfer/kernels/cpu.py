@@ -124,6 +124,33 @@ def _gate_up_kernel(x, w_gate, w_up, idx, code, n_tasks, out):
                 out[t, j] = _gated(gate, up, code)
 
 
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _accumulate_rows(acc, h, ids, start, stop, w_down_t, rows_bits, rows_scratch):
+    """acc[t] += h[t, j] * w_down_t[ids[j]] for j in [start, stop): four rows per pass over acc (one
+    load/store of the accumulator per four FMAs)."""
+    n_tokens, d = acc.shape
+    j = start
+    while j + _DOWN_ROWS <= stop:
+        r0 = _as_float32_row(w_down_t[ids[j]], rows_bits[0], rows_scratch[0])
+        r1 = _as_float32_row(w_down_t[ids[j + 1]], rows_bits[1], rows_scratch[1])
+        r2 = _as_float32_row(w_down_t[ids[j + 2]], rows_bits[2], rows_scratch[2])
+        r3 = _as_float32_row(w_down_t[ids[j + 3]], rows_bits[3], rows_scratch[3])
+        for t in range(n_tokens):
+            c0, c1, c2, c3 = h[t, j], h[t, j + 1], h[t, j + 2], h[t, j + 3]
+            acc_t = acc[t]
+            for c in range(d):
+                acc_t[c] += c0 * r0[c] + c1 * r1[c] + c2 * r2[c] + c3 * r3[c]
+        j += _DOWN_ROWS
+    while j < stop:
+        row = _as_float32_row(w_down_t[ids[j]], rows_bits[0], rows_scratch[0])
+        for t in range(n_tokens):
+            coeff = h[t, j]
+            acc_t = acc[t]
+            for c in range(d):
+                acc_t[c] += coeff * row[c]
+        j += 1
+
+
 @njit(**_JIT)
 def _down_kernel(h, w_down_t, idx, n_tasks, out):
     n_tokens, k = h.shape
@@ -132,29 +159,8 @@ def _down_kernel(h, w_down_t, idx, n_tasks, out):
     for task in prange(n_tasks):
         rows_bits = np.empty((_DOWN_ROWS, d), np.uint32)
         rows_scratch = rows_bits.view(np.float32)
-        acc = partial[task]
-        j = task * k // n_tasks
-        stop = (task + 1) * k // n_tasks
-        # Four rows per pass: one load/store of the accumulator per four FMAs.
-        while j + _DOWN_ROWS <= stop:
-            r0 = _as_float32_row(w_down_t[idx[j]], rows_bits[0], rows_scratch[0])
-            r1 = _as_float32_row(w_down_t[idx[j + 1]], rows_bits[1], rows_scratch[1])
-            r2 = _as_float32_row(w_down_t[idx[j + 2]], rows_bits[2], rows_scratch[2])
-            r3 = _as_float32_row(w_down_t[idx[j + 3]], rows_bits[3], rows_scratch[3])
-            for t in range(n_tokens):
-                c0, c1, c2, c3 = h[t, j], h[t, j + 1], h[t, j + 2], h[t, j + 3]
-                acc_t = acc[t]
-                for c in range(d):
-                    acc_t[c] += c0 * r0[c] + c1 * r1[c] + c2 * r2[c] + c3 * r3[c]
-            j += _DOWN_ROWS
-        while j < stop:
-            row = _as_float32_row(w_down_t[idx[j]], rows_bits[0], rows_scratch[0])
-            for t in range(n_tokens):
-                coeff = h[t, j]
-                acc_t = acc[t]
-                for c in range(d):
-                    acc_t[c] += coeff * row[c]
-            j += 1
+        _accumulate_rows(partial[task], h, idx, task * k // n_tasks, (task + 1) * k // n_tasks, w_down_t,
+                         rows_bits, rows_scratch)
     # Race-free reduction: each task owns a block of output columns.
     n_blocks = (d + _REDUCE_COLUMNS - 1) // _REDUCE_COLUMNS
     for block in prange(n_blocks):
@@ -312,7 +318,7 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
         # pass 1: gate/up of this task's active neurons; keep those with a nonzero h (a predicted neuron
         # that stays at zero never has its down row read)
         rows = np.empty(hi - lo, np.int64)
-        h = np.empty((hi - lo, n_tokens), np.float32)
+        h = np.empty((n_tokens, hi - lo), np.float32)
         m = 0
         active = 0  # counted locally: neighbouring tasks' counts share a cache line
         for j in range(lo, hi):
@@ -330,34 +336,14 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
                     gate += x_t[i] * gate_row[i]
                     up += x_t[i] * up_row[i]
                 value = _gated(gate, up, code)
-                h[m, t] = value
+                h[t, m] = value
                 nonzero = nonzero or value != 0
             if nonzero:
                 rows[m] = j
                 m += 1
         counts[task] = active
-        # pass 2: the down AXPY, four rows per pass over the accumulator (as in _down_kernel)
-        acc = partial[task]
-        q = 0
-        while q + _DOWN_ROWS <= m:
-            r0 = _as_float32_row(w_down_t[rows[q]], rows_bits[0], rows_scratch[0])
-            r1 = _as_float32_row(w_down_t[rows[q + 1]], rows_bits[1], rows_scratch[1])
-            r2 = _as_float32_row(w_down_t[rows[q + 2]], rows_bits[2], rows_scratch[2])
-            r3 = _as_float32_row(w_down_t[rows[q + 3]], rows_bits[3], rows_scratch[3])
-            for t in range(n_tokens):
-                c0, c1, c2, c3 = h[q, t], h[q + 1, t], h[q + 2, t], h[q + 3, t]
-                acc_t = acc[t]
-                for c in range(d):
-                    acc_t[c] += c0 * r0[c] + c1 * r1[c] + c2 * r2[c] + c3 * r3[c]
-            q += _DOWN_ROWS
-        while q < m:
-            row = _as_float32_row(w_down_t[rows[q]], rows_bits[0], rows_scratch[0])
-            for t in range(n_tokens):
-                coeff = h[q, t]
-                acc_t = acc[t]
-                for c in range(d):
-                    acc_t[c] += coeff * row[c]
-            q += 1
+        # pass 2: the down AXPY over the kept rows
+        _accumulate_rows(partial[task], h, rows, 0, m, w_down_t, rows_bits, rows_scratch)
     n_blocks = (d + _REDUCE_COLUMNS - 1) // _REDUCE_COLUMNS
     for block in prange(n_blocks):
         lo = block * _REDUCE_COLUMNS
