@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from powerinfer.loading.gguf_export import add_fields  # noqa: F401  (tests import it from here)
+from powerinfer.loading.gguf_export import add_fields, gguf_name  # add_fields: tests import it from here
 
 
 def byte_level_tokenizer(extra_special: tuple[str, ...] = ("<s>", "</s>")):
@@ -39,19 +39,11 @@ def write_hf_model(path: Path, config: dict, state_dict: dict[str, torch.Tensor]
 
 
 def _permute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """What llama.cpp's converter does to Q/K rows (the inverse of the loader's un-permute)."""
+    """What llama.cpp's converter does to Q/K rows (the inverse of the loader's un-permute). Kept apart from
+    `gguf_export.llama_cpp_permute` on purpose: the exporter's test compares against it."""
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_HF_TO_GGUF = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
 
 
 def write_gguf(path: Path, config: dict, hf_weights: dict[str, torch.Tensor], qtype_name: str = "F32",
@@ -74,21 +66,14 @@ def write_gguf(path: Path, config: dict, hf_weights: dict[str, torch.Tensor], qt
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     for name, tensor in hf_weights.items():
         array = tensor.float().numpy()
-        name = name.removeprefix("model.")
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            if arch == "llama" and rest == "self_attn.q_proj.weight":
-                array = _permute_for_llama_cpp(array, heads)
-            elif arch == "llama" and rest == "self_attn.k_proj.weight":
-                array = _permute_for_llama_cpp(array, kv_heads)
-            gguf_name = f"blk.{i}.{_HF_TO_GGUF[rest]}"
-        else:
-            gguf_name = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                         "lm_head.weight": "output.weight"}[name]
+        if arch == "llama" and name.endswith("self_attn.q_proj.weight"):
+            array = _permute_for_llama_cpp(array, heads)
+        elif arch == "llama" and name.endswith("self_attn.k_proj.weight"):
+            array = _permute_for_llama_cpp(array, kv_heads)
         # norms and biases stay F32, as llama.cpp keeps 1-D tensors
         t = qtype if array.ndim == 2 else gguf.GGMLQuantizationType.F32
         data = quantize(np.ascontiguousarray(array), t)
-        w.add_tensor(gguf_name, data, raw_dtype=t)
+        w.add_tensor(gguf_name(name), data, raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -20,16 +20,11 @@ import numpy as np
 import torch
 
 from powerinfer.errors import PowerInferError, UnsupportedModelError
+from powerinfer.loading import gguf_file
 
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}
+# the loader's GGUF -> Hugging Face tables, inverted: one naming table for both directions
+_LAYER_NAMES = {hf: gg for gg, hf in gguf_file._LAYER_NAMES.items()}
+_GLOBAL_NAMES = {hf: gg for gg, hf in gguf_file._GLOBAL_NAMES.items()}
 
 
 def gguf_name(hf_name: str) -> str:
