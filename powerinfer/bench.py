@@ -167,9 +167,10 @@ def bytes_per_token(model, active: tuple[float, float] | None, position: int) ->
     return out
 
 
-def roofline(traffic: dict, bandwidths: dict) -> dict:
+def roofline(traffic: dict, bandwidths: dict, decode_tok_s: float | None = None) -> dict:
     """Seconds per token if each device moved its bytes at the measured bandwidth, one after the other
-    (`roofline_tok_s`) or all at once (`roofline_overlap_tok_s`); None when a bandwidth is missing."""
+    (`roofline_tok_s`) or all at once (`roofline_overlap_tok_s`); None when a bandwidth is missing. With
+    the measured `decode_tok_s`, also `roofline_pct`: its share of the serial roofline."""
     gbps = {"gpu": bandwidths.get("gpu_copy"), "cpu": bandwidths.get("cpu_read")}
     if bandwidths.get("pcie_h2d") and bandwidths.get("pcie_d2h"):
         gbps["pcie"] = (bandwidths["pcie_h2d"] + bandwidths["pcie_d2h"]) / 2
@@ -180,9 +181,12 @@ def roofline(traffic: dict, bandwidths: dict) -> dict:
                 return {"roofline_tok_s": None, "roofline_overlap_tok_s": None}
             seconds[kind] = n / (gbps[kind] * 1e9)
     serial, overlap = sum(seconds.values()), max(seconds.values(), default=0.0)
-    return {"roofline_tok_s": round(1 / serial, 2) if serial else None,
-            "roofline_overlap_tok_s": round(1 / overlap, 2) if overlap else None,
-            "roofline_seconds": {k: round(v, 6) for k, v in seconds.items()}}
+    result = {"roofline_tok_s": round(1 / serial, 2) if serial else None,
+              "roofline_overlap_tok_s": round(1 / overlap, 2) if overlap else None,
+              "roofline_seconds": {k: round(v, 6) for k, v in seconds.items()}}
+    if decode_tok_s is not None and serial:
+        result["roofline_pct"] = round(100 * decode_tok_s / result["roofline_tok_s"], 2)
+    return result
 
 
 # -- the instrumented decode -------------------------------------------------------------------------------
@@ -361,9 +365,7 @@ def run_mode(load_generator, mode: str, prompt_tokens: int, gen_tokens: int, rep
     traffic = bytes_per_token(gen.model, active, prompt_tokens + gen_tokens // 2)
     result["bytes_per_token"] = traffic
     if bandwidths is not None:
-        result.update(roofline(traffic, bandwidths))
-        if result["roofline_tok_s"]:
-            result["roofline_pct"] = round(100 * result["decode_tok_s"] / result["roofline_tok_s"], 2)
+        result.update(roofline(traffic, bandwidths, result["decode_tok_s"]))
     result["seconds"] = {"load": round(load_s, 2), "measure": round(time.perf_counter() - started - load_s, 2)}
     del gen
     gc.collect()
@@ -444,9 +446,7 @@ def run_hf_accelerate(hf_dir, vram_budget_gib: float, prompt_tokens: int, gen_to
         "decode_split": None,  # not instrumented
     }
     if bandwidths is not None:
-        result.update(roofline(traffic, bandwidths))
-        if result["roofline_tok_s"]:
-            result["roofline_pct"] = round(100 * result["decode_tok_s"] / result["roofline_tok_s"], 2)
+        result.update(roofline(traffic, bandwidths, result["decode_tok_s"]))
     result["seconds"] = {"load": round(load_s, 2), "measure": round(time.perf_counter() - started - load_s, 2)}
     del model
     gc.collect()
