@@ -17,3 +17,15 @@ def tiny_relu_model():
     from powerinfer.offline.tiny import ensure_tiny_relu_model
 
     return ensure_tiny_relu_model()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module of tiny-model tests: avoids OpenMP oversubscription on shared CI
+    cores (10x slower when loaded)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

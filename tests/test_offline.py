@@ -27,13 +27,7 @@ EVALUATION = DATA_DIR / "wikitext2-test.txt"
 SPARSITY, SKEW = 0.9, 0.8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one thread avoids OpenMP oversubscription on shared CI cores (10x slower when loaded)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
