@@ -151,6 +151,20 @@ def _accumulate_rows(acc, h, ids, start, stop, w_down_t, rows_bits, rows_scratch
         j += 1
 
 
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _sum_partials(partial, out):
+    """out = the sum of the tasks' partial outputs; race-free: each block of output columns has one owner."""
+    n_tasks, _, d = partial.shape
+    n_blocks = (d + _REDUCE_COLUMNS - 1) // _REDUCE_COLUMNS
+    for block in prange(n_blocks):
+        lo = block * _REDUCE_COLUMNS
+        hi = min(lo + _REDUCE_COLUMNS, d)
+        out_block = out[:, lo:hi]
+        out_block[:] = partial[0, :, lo:hi]
+        for task in range(1, n_tasks):
+            out_block += partial[task, :, lo:hi]
+
+
 @njit(**_JIT)
 def _down_kernel(h, w_down_t, idx, n_tasks, out):
     n_tokens, k = h.shape
@@ -161,15 +175,7 @@ def _down_kernel(h, w_down_t, idx, n_tasks, out):
         rows_scratch = rows_bits.view(np.float32)
         _accumulate_rows(partial[task], h, idx, task * k // n_tasks, (task + 1) * k // n_tasks, w_down_t,
                          rows_bits, rows_scratch)
-    # Race-free reduction: each task owns a block of output columns.
-    n_blocks = (d + _REDUCE_COLUMNS - 1) // _REDUCE_COLUMNS
-    for block in prange(n_blocks):
-        lo = block * _REDUCE_COLUMNS
-        hi = min(lo + _REDUCE_COLUMNS, d)
-        out_block = out[:, lo:hi]
-        out_block[:] = partial[0, :, lo:hi]
-        for task in range(1, n_tasks):
-            out_block += partial[task, :, lo:hi]
+    _sum_partials(partial, out)
 
 
 # Calls reading at most this many weight bytes run on the calling thread: waking numba's pool costs more
@@ -344,14 +350,7 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
         counts[task] = active
         # pass 2: the down AXPY over the kept rows
         _accumulate_rows(partial[task], h, rows, 0, m, w_down_t, rows_bits, rows_scratch)
-    n_blocks = (d + _REDUCE_COLUMNS - 1) // _REDUCE_COLUMNS
-    for block in prange(n_blocks):
-        lo = block * _REDUCE_COLUMNS
-        hi = min(lo + _REDUCE_COLUMNS, d)
-        out_block = out[:, lo:hi]
-        out_block[:] = partial[0, :, lo:hi]
-        for task in range(1, n_tasks):
-            out_block += partial[task, :, lo:hi]
+    _sum_partials(partial, out)
     return counts.sum()
 
 
