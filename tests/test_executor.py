@@ -142,3 +142,27 @@ def test_split_ffn_strategies_match_their_definition(strategy, n_hot):
     torch.testing.assert_close(ffn(x[None])[0], want, atol=1e-5, rtol=1e-5)
     if strategy != "dense":
         assert int(ffn.counts.hot) + ffn.counts.cold == int(keep.sum())
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("ends_on_gpu", [True, False])
+def test_hybrid_graph_segments_equal_eager_decode(relu_model, ends_on_gpu):
+    """Decode through per-layer CUDA-graph segments (runtime.segments) == the eager hybrid step; covers a layer
+    all on the CPU (predictor in host memory), a split one, one all on the GPU, and embeddings/head either side."""
+    placement = {"layers": [{"n_gpu_neurons": n, "attention_on_gpu": True} for n in (0, 60, 203)],
+                 "embeddings_on_gpu": ends_on_gpu, "lm_head_on_gpu": ends_on_gpu}
+    ids = torch.randint(0, 256, (20,)).tolist()
+    results = []
+    for graphs in (False, True):
+        loaded = load_model(relu_model)
+        run = build_executor(loaded, "hybrid", "cuda", _oracles(loaded), placement, hot_dtype=torch.float32)
+        with torch.inference_mode():
+            gen = Generator(run, context=64, cuda_graphs=graphs)
+            assert gen.use_segments == graphs
+            logits = [gen.prefill(ids[:7])]
+            logits += [gen.decode_step(torch.tensor([t]), 7 + i) for i, t in enumerate(ids[7:])]
+        results.append((torch.cat([x.cpu() for x in logits]), run.model.counts.shares()))
+    (eager, eager_shares), (segments, segment_shares) = results
+    torch.testing.assert_close(segments, eager, atol=1e-4, rtol=1e-4)
+    assert segment_shares == pytest.approx(eager_shares)

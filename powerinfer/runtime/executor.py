@@ -70,6 +70,13 @@ class NeuronCounts:
         self.hot = torch.zeros((), dtype=torch.int64, device=hot_device)
         self.cold = 0
 
+    def save(self) -> tuple[torch.Tensor, int]:
+        return self.hot.clone(), self.cold
+
+    def restore(self, saved: tuple[torch.Tensor, int]) -> None:
+        self.hot.copy_(saved[0])
+        self.cold = saved[1]
+
     def shares(self) -> tuple[float, float]:
         hot = int(self.hot)
         total = hot + self.cold
@@ -131,19 +138,33 @@ class SplitFFN(nn.Module):
         if self.hot is None:  # all rows on the CPU: one copy there (if needed), then everything on the CPU
             flat = _move(flat, CPU, torch.float32, t)
             with _cpu_time(t):
-                active = self._predict(flat) if self.predictor is not None else None
-                y = self._add_cold(None, *self._to_cpu(flat, active))
+                y = self.cold_part(flat, None)
+            y = flat.new_zeros(flat.shape) if y is None else y
             return _move(y, x.device, x.dtype, t).reshape(shape)
-        active = self._predict(flat) if self.predictor is not None else None
-        cold_in = self._to_cpu(flat, active) if self.cold is not None else None  # queued before hot work
-        y = self._hot_forward(flat, active)
+        active = self.predict(flat) if self.predictor is not None else None
+        host_in, done = None, None
+        if self.cold is not None:  # queued before the hot work, so the CPU can start early
+            if t is not None and flat.is_cuda:
+                t.mark("gpu")  # attention and predictor
+            host_in = self.copy_to_host(flat, active)
+            if flat.is_cuda:
+                if t is not None:
+                    t.mark("transfer")
+                done = torch.cuda.Event()
+                done.record()
+        y = self.hot_forward(flat, active)
         if t is not None:
             t.mark("gpu")
-        if cold_in is not None:
-            y = self._add_cold(y, *cold_in)
+        if host_in is not None:
+            if done is not None:
+                done.synchronize()  # waits for the predictor and the copies only, not the hot FFN
+            with _cpu_time(t):
+                y_cold = self.cold_part(*host_in)
+            y = self._add_cold(y, y_cold)
         return y.to(device=x.device, dtype=x.dtype).reshape(shape)
 
-    def _predict(self, flat: torch.Tensor) -> torch.Tensor:
+    # -- the phases of one layer, shared by `forward` and the CUDA-graph segments (runtime.segments) ---------
+    def predict(self, flat: torch.Tensor) -> torch.Tensor:
         """[n_ff] bool on the predictor's device: the union of the tokens' predicted active sets."""
         device = self.hot_device if self.n_hot else CPU
         mask = self.predictor.predict(flat.to(device, self._predictor_dtype))
@@ -157,23 +178,33 @@ class SplitFFN(nn.Module):
         keep[:max(0, self.layer.n_always_active - first_row)] = True
         return keep
 
-    def _to_cpu(self, flat, active):
-        """Start copying the cold part's inputs to pinned host memory; returns (x, mask, done-event)."""
-        if flat.device.type != "cuda" and (active is None or active.device.type != "cuda"):
-            return flat.float(), None if active is None else active[self.n_hot:], None
-        if self.timer is not None:
-            self.timer.mark("gpu")  # attention and predictor
+    def copy_to_host(self, flat, active) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cold part's inputs (x float32, its slice of the predicted mask) in host memory; from the GPU
+        through pinned buffers, without waiting (the caller synchronises before reading them)."""
+        if not flat.is_cuda:
+            return flat.float(), None if active is None else active[self.n_hot:]
         x_host = self._pinned_buffer("x", flat.shape, torch.float32)
         x_host.copy_(flat, non_blocking=True)
         mask_host = None
         if active is not None:
             mask_host = self._pinned_buffer("mask", (self.n_ff - self.n_hot,), torch.bool)
             mask_host.copy_(active[self.n_hot:], non_blocking=True)
-        if self.timer is not None:
-            self.timer.mark("transfer")
-        done = torch.cuda.Event()
-        done.record()
-        return x_host, mask_host, done
+        return x_host, mask_host
+
+    def cold_part(self, x_host: torch.Tensor, mask_host: torch.Tensor | None) -> torch.Tensor | None:
+        """The CPU rows' output [T, d] float32, None when none of them is active (host work only)."""
+        if self.predictor is not None and mask_host is None:  # predictor in host memory (no hot rows)
+            mask_host = self.predict(x_host)[self.n_hot:]
+        return self._cold_forward(x_host, mask_host)
+
+    def stage(self, y_cold: torch.Tensor | None, shape) -> torch.Tensor:
+        """The cold output in this layer's pinned buffer (zeros when there is none), ready to copy over."""
+        staged = self._pinned_buffer("y", shape, torch.float32)
+        if y_cold is None:
+            staged.zero_()
+        else:
+            staged.copy_(y_cold)
+        return staged
 
     def _pinned_buffer(self, name, shape, dtype):
         buf = self._pinned.get(name)
@@ -181,7 +212,8 @@ class SplitFFN(nn.Module):
             buf = self._pinned[name] = torch.empty(torch.Size(shape).numel(), dtype=dtype, pin_memory=True)
         return buf[:torch.Size(shape).numel()].view(shape)
 
-    def _hot_forward(self, flat, active):
+    def hot_forward(self, flat, active):
+        """The hot rows' output on the hot device (launches only: no synchronisation)."""
         gate, up, down_t = self.hot
         x = flat.to(device=self.hot_device, dtype=gate.dtype)
         strategy = self.layer.strategy
@@ -206,26 +238,19 @@ class SplitFFN(nn.Module):
             h = h.index_select(1, idx)  # slots past `count` hold stale ids; sparse_down ignores them
         return kernels.sparse_down(h, down_t, idx, count=count)
 
-    def _add_cold(self, y, x_host, mask_host, done):
-        if done is not None:
-            done.synchronize()  # waits for the predictor and the copies only, not the hot FFN
+    def _add_cold(self, y, y_cold):
+        if y_cold is None:  # nothing active on the CPU: the hot device never waits for it
+            return y
+        if not y.is_cuda:
+            return y + y_cold.to(y.dtype)
         t = self.timer
         with _cpu_time(t):
-            y_cold = self._cold_forward(x_host, mask_host)
-        if y_cold is None:  # nothing active on the CPU: the hot device never waits for it
-            return y if y is not None else x_host.new_zeros(x_host.shape)
-        if y is None:
-            return y_cold
-        if y.device.type == "cuda":
-            with _cpu_time(t):
-                staged = self._pinned_buffer("y", y_cold.shape, torch.float32)
-                staged.copy_(y_cold)
-            if t is not None:
-                t.mark("idle")  # the stream waited for the CPU's part
-            y_cold = staged.to(y.device, non_blocking=True)
-            if t is not None:
-                t.mark("transfer")
-            return y + y_cold.to(y.dtype)
+            staged = self.stage(y_cold, y_cold.shape)
+        if t is not None:
+            t.mark("idle")  # the stream waited for the CPU's part
+        y_cold = staged.to(y.device, non_blocking=True)
+        if t is not None:
+            t.mark("transfer")
         return y + y_cold.to(y.dtype)
 
     def _cold_forward(self, x_host, mask_host):

@@ -16,6 +16,7 @@ from powerinfer.errors import ContextOverflowError, PowerInferError
 from powerinfer.loading import IncrementalDecoder, LoadedModel
 from powerinfer.runtime.kv_cache import KVCache
 from powerinfer.runtime.sampling import Sampler, SamplingParams
+from powerinfer.runtime.segments import DecodeSegments, supports_segments
 
 DEFAULT_CONTEXT = 2048
 PREFILL_CHUNK = 512
@@ -72,7 +73,9 @@ class Generator:
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(args.eos_token_ids)
         capturable = self.device.type == "cuda" and getattr(self.model, "supports_cuda_graphs", True)
         self.use_graphs = capturable if cuda_graphs is None else cuda_graphs and capturable
-        self._graph = None
+        # a hybrid step that leaves the GPU: CUDA graphs between the CPU's parts (runtime.segments)
+        self.use_segments = cuda_graphs is not False and not capturable and supports_segments(self.model)
+        self._graph = self._segments = None
 
     # -- model steps -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -97,28 +100,42 @@ class Generator:
             self._position.fill_(position)
             self._graph.replay()
             return self._logits[:, -1].clone()  # the graph's output buffer is overwritten by the next replay
+        if self.use_segments:
+            if self._segments is None:
+                self._warm_up()
+                self._segments = DecodeSegments(self.model, self.cache)
+            return self._segments.step(token, position)[:, -1]
         self.cache.set_window(position + 1)
         positions = torch.tensor([position], device=self.device)
         return self.model(token.view(1, 1), positions, self.cache)[:, -1]
 
-    def _capture(self):
-        """Record one decode step; replays read the token and position from these static buffers."""
+    def _warm_up(self):
+        """Static token/position buffers and two eager steps with them, as CUDA graph capture requires; the
+        cache then attends over its whole (masked) length, a static shape."""
         self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self._position = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.cache.set_window(self.context)  # attend over the whole (masked) cache: a static shape
-        saved = [(k.clone(), v.clone()) for k, v in zip(self.cache.keys, self.cache.values)]
+        self.cache.set_window(self.context)
+        saved = [(k[:, :, 0].clone(), v[:, :, 0].clone()) for k, v in zip(self.cache.keys, self.cache.values)]
+        counts = getattr(self.model, "counts", None)  # an executor's active-neuron counts: not for warm-ups
+        saved_counts = counts.save() if counts is not None else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph, as CUDA graph capture requires
+            for _ in range(2):
                 self.model(self._token, self._position, self.cache)
         torch.cuda.current_stream().wait_stream(stream)
+        for (k, v), (k0, v0) in zip(zip(self.cache.keys, self.cache.values), saved):
+            k[:, :, 0] = k0  # the warm-up wrote slot 0: restore it
+            v[:, :, 0] = v0
+        if counts is not None:
+            counts.restore(saved_counts)
+
+    def _capture(self):
+        """Record one decode step; replays read the token and position from the static buffers."""
+        self._warm_up()
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._logits = self.model(self._token, self._position, self.cache)
-        for (k, v), (k0, v0) in zip(zip(self.cache.keys, self.cache.values), saved):
-            k.copy_(k0)  # the warm-up wrote slot 0: restore it
-            v.copy_(v0)
 
     # -- text in, text out -----------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:

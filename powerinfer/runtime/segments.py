@@ -1,0 +1,129 @@
+"""A hybrid decode step as CUDA-graph segments around the CPU's work (PowerInfer §5, §7: the GPU and CPU
+halves of every layer run at once and merge on the GPU).
+
+A hybrid step cannot be one CUDA graph: every layer waits for the CPU's cold neurons. Launched op by op
+from Python it spends about 1 ms per layer on launches (measured on an H100 host: 31 of a synthetic 7B
+token's 70 ms, scripts/profile_hybrid.py). So the step is cut where the CPU works. Per layer:
+- graph A: add the previous layer's FFN outputs (its CPU part copied in from pinned memory), attention,
+  the post-attention norm, the predictor, and the copies of the FFN input and the cold mask to pinned
+  memory;
+- graph B: the hot FFN.
+The host replays A, records an event, replays B (the GPU runs it while the CPU works), waits for the
+event, computes the cold FFN into the layer's pinned output buffer and moves on to the next layer's A,
+whose first copy reads that buffer. A last graph adds the last layer's outputs and runs norm and lm_head.
+Each layer has its own pinned buffers, so no buffer is rewritten before the GPU has read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from powerinfer.runtime.executor import CPU, HybridTransformer
+
+
+def supports_segments(model) -> bool:
+    """Hybrid executors with the hot device on CUDA and every layer's attention there."""
+    if not isinstance(model, HybridTransformer):
+        return False
+    plan = model.plan
+    return plan.hot_device.type == "cuda" and all(layer.attention_device == plan.hot_device
+                                                  for layer in plan.layers)
+
+
+class DecodeSegments:
+    """Captured once per KV cache (its buffers are baked into the graphs); `step` decodes one token.
+
+    Capture runs nothing: the caller warms the model up first (eager forward passes), as CUDA graph
+    capture requires, and restores the cache slots the warm-up wrote."""
+
+    def __init__(self, model: HybridTransformer, cache):
+        self.model, self.cache = model, cache
+        plan = model.plan
+        hot, dtype, d = plan.hot_device, plan.hot_dtype, model.args.hidden_size
+        self.tokens = torch.zeros((1, 1), dtype=torch.long, device=plan.embed_device)
+        self.position = torch.zeros(1, dtype=torch.long, device=hot)
+        self.x0 = torch.zeros((1, 1, d), dtype=dtype, device=hot)
+        self._done = torch.cuda.Event()
+        self._pool = torch.cuda.graph_pool_handle()
+        self._rope = None
+        self.layers = []
+        x, pending = self.x0, None
+        for block, ffn in zip(model.attention_layers, model.ffns):
+            graph_a, (x, flat, active, host_in) = self._capture(self._attention_part, block, ffn, x, pending)
+            graph_b, y_hot = None, None
+            if ffn.hot is not None:
+                graph_b, y_hot = self._capture(ffn.hot_forward, flat, active)
+            staged = ffn.stage(None, flat.shape) if host_in is not None else None
+            self.layers.append((graph_a, graph_b, ffn, host_in, staged))
+            pending = (y_hot, staged)
+        self.final, self.out = self._capture(self._final_part, x, pending)
+
+    def _capture(self, fn, *args):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = fn(*args)
+        return graph, out
+
+    def _merge(self, x, pending):
+        """x plus the previous layer's FFN output (hot part, and the CPU part copied in from pinned memory)."""
+        if pending is None:
+            return x
+        y_hot, staged = pending
+        y = y_hot
+        if staged is not None:
+            y_cold = staged.to(x.device, non_blocking=True).to(x.dtype)
+            y = y_cold if y is None else y + y_cold
+        return x + y.view_as(x)
+
+    def _attention_part(self, block, ffn, x, pending):
+        if self._rope is None:  # the first graph computes the rotary tables and mask for all layers
+            angles = self.position.float()[:, None] * self.model.inv_freq[self.model.plan.hot_device][None, :]
+            self._rope = (angles.cos(), angles.sin(), self.cache.attention_mask(self.position))
+        cos, sin, mask = self._rope
+        x = self._merge(x, pending)
+        x = x + block.self_attn(block.input_layernorm(x), cos, sin, self.position, self.cache, mask)
+        flat = block.post_attention_layernorm(x).reshape(-1, x.shape[-1])
+        active = ffn.predict(flat) if ffn.predictor is not None and ffn.n_hot else None
+        host_in = ffn.copy_to_host(flat, active) if ffn.cold is not None else None
+        return x, flat, active, host_in
+
+    def _final_part(self, x, pending):
+        x = self._merge(x, pending)
+        if self.model.plan.head_device.type == "cuda":
+            return self.model.lm_head(self.model.norm(x)).float()
+        return x
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits [1, 1, V] of `token` at `position` (written into the cache); a fresh tensor."""
+        model, t = self.model, self.model.timer
+        self.tokens.copy_(token.view(1, 1))
+        self.position.fill_(position)
+        self.x0.copy_(model.embed_tokens(self.tokens).to(self.x0.device, self.x0.dtype))
+        for graph_a, graph_b, ffn, host_in, staged in self.layers:
+            graph_a.replay()
+            if host_in is None:  # every row of this layer on the GPU
+                if graph_b is not None:
+                    graph_b.replay()
+                continue
+            if t is not None:
+                t.mark("gpu")
+            self._done.record()
+            if graph_b is not None:
+                graph_b.replay()  # runs on the GPU while the CPU computes its part
+                if t is not None:
+                    t.mark("gpu")
+            self._done.synchronize()
+            with t.cpu() if t is not None else contextlib.nullcontext():
+                ffn.stage(ffn.cold_part(*host_in), staged.shape)
+            if t is not None:
+                t.mark("idle")  # the stream waited for the CPU's part
+        self.final.replay()
+        if t is not None:
+            t.mark("gpu")
+        if model.plan.head_device.type == "cuda":
+            return self.out.clone()  # the graph's output buffer is overwritten by the next replay
+        head = model.plan.head_device
+        return model.lm_head(model.norm(self.out.to(head, model.plan.device_dtype(head)))).float()

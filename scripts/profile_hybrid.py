@@ -1,0 +1,109 @@
+"""Where a hybrid decode step's wall time goes, without the synchronising PhaseTimer of `bench`.
+
+Builds a SYNTHETIC model in memory (powerinfer.bench.synthetic_artifact), loads it in hybrid mode at a VRAM
+budget and decodes greedily. It reports the plain decode rate, then wraps three executor phases with
+perf_counter (host waiting for the GPU's attention + predictor + copies; the CPU's cold FFN; staging its
+output) and prints per-token milliseconds of each and of the rest (Python and kernel launches), then a
+torch.profiler table of a few steps. Without a GPU it is a dry run with the hot half on the CPU.
+
+    python scripts/profile_hybrid.py [--shape llama2-7b] [--vram-budget 8] [--threads 16] [--json FILE]
+"""
+
+import powerinfer  # noqa: F401  (before torch: sets the OpenMP wait policy)
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+
+from powerinfer.bench import environment, random_prompt, synthetic_artifact
+from powerinfer.commands._common import set_threads
+from powerinfer.runtime import Generator, SamplingParams
+from powerinfer.runtime.executor import SplitFFN
+
+
+def decode(gen, prompt, steps, after_prefill=None):
+    token = gen.prefill(prompt).argmax(-1)
+    position = len(prompt)
+    if after_prefill is not None:
+        after_prefill()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = gen.decode_step(token, position).argmax(-1)
+        int(token)
+        position += 1
+    return (time.perf_counter() - start) / steps
+
+
+def wrap(spent, name, fn):
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - start
+    return timed
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama2-7b")
+    p.add_argument("--vram-budget", type=float, default=8.0)
+    p.add_argument("--threads", type=int, default=16)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--json")
+    args = p.parse_args()
+    set_threads(args.threads)
+    context = 64 + 2 * args.steps + 16
+    cuda = torch.cuda.is_available()  # without one: a dry run of the script, both halves on the CPU
+    dtype = torch.float16 if cuda else torch.float32
+    artifact, summary = synthetic_artifact(args.shape, 0.9, 0.8, 0, 4096, context, dtype, cuda, None)
+    gen = powerinfer.load(artifact, device="cuda" if cuda else "cpu", dtype=dtype, context=context,
+                          mode="hybrid", vram_budget=args.vram_budget)
+    prompt = random_prompt(gen.loaded.args.vocab_size, 64)
+    gen.generate(prompt, max_tokens=4, sampling=SamplingParams(temperature=0), ignore_eos=True)
+    report = {**environment(cuda), "what": f"SYNTHETIC {args.shape} hybrid decode, wall-time split",
+              "vram_budget_gib": args.vram_budget, "threads": args.threads, "synthetic_build": summary}
+    with torch.inference_mode():
+        report["decode_ms"] = round(1e3 * decode(gen, prompt, args.steps), 3)
+        report["decode_uses_graph_segments"] = gen.use_segments
+        eager = Generator(gen.loaded, context=context, cuda_graphs=False)
+        report["eager_decode_ms"] = round(1e3 * decode(eager, prompt, args.steps), 3)
+        del eager
+        spent = defaultdict(float)
+        originals = {"_cold_forward": SplitFFN._cold_forward}
+        sync = torch.cuda.Event.synchronize
+        SplitFFN._cold_forward = wrap(spent, "cpu_cold_ffn", originals["_cold_forward"])
+        torch.cuda.Event.synchronize = wrap(spent, "host_waits_for_gpu", sync)
+        try:
+            wall = decode(gen, prompt, args.steps, after_prefill=spent.clear)
+        finally:
+            SplitFFN._cold_forward = originals["_cold_forward"]
+            torch.cuda.Event.synchronize = sync
+        split = {k: round(1e3 * v / args.steps, 3) for k, v in spent.items()}
+        split["rest_python_launch_staging"] = round(1e3 * wall - sum(split.values()), 3)
+        report["wrapped_decode_ms"] = round(1e3 * wall, 3)
+        report["split_ms_per_token"] = split
+        print(json.dumps({k: v for k, v in report.items() if k.endswith("_ms") or k.startswith("split")}), flush=True)
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            decode(gen, prompt, 4)
+        events = prof.key_averages()
+        print(events.table(sort_by="self_cpu_time_total", row_limit=25))
+        if cuda:
+            print(events.table(sort_by="self_cuda_time_total", row_limit=15))
+        report["profile_top_self_cpu_us_per_step"] = {
+            e.key: round(e.self_cpu_time_total / 4, 1)
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
