@@ -17,7 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-import powerinfer  # first: it sets OMP_WAIT_POLICY before torch loads its OpenMP runtime
+import powerinfer  # first: it sets GOMP_SPINCOUNT before torch loads its OpenMP runtime
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -30,10 +30,9 @@ import subprocess
 import time
 from pathlib import Path
 
-# torch and numba each bring their own libgomp; with the default (spinning) wait policy
-# the two thread pools steal each other's cores between calls and both slow down several
-# times over. It must be set before torch loads its libgomp.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch and numba each bring their own libgomp: a bounded spin (or the user's OMP_WAIT_POLICY /
+# GOMP_SPINCOUNT) must be set before torch loads its libgomp; powerinfer's import does it.
+import powerinfer  # noqa: E402,F401
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -322,6 +321,7 @@ def main() -> None:
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
         "shape": {"d": D, "n_ff": N_FF},
     }
     generator = torch.Generator().manual_seed(0)

@@ -13,7 +13,8 @@
 # smoke.log, bench_7b.{log,json}, bench_13b.{log,json}, peer_7b.{log,json}.
 #
 # Device call (from the repository root):  OUT=$OUT bash scripts/gpu_bench_synth.sh
-# Knobs: BUDGET_S (whole script, default 560), SMOKE_S (smoke step, default 150), GEN_TOKENS (128), REPEATS (2), THREADS (16), PEER (0).
+# Knobs: BUDGET_S (whole script, default 560), SMOKE_S (smoke step, default 150), GEN_TOKENS (128), REPEATS (2), THREADS (16), PEER (0),
+# STEPS (which of "smoke 7b 13b peer" to run, default all). The peer needs accelerate: carry its wheel (+ psutil) in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench-synth}
@@ -38,6 +39,10 @@ run_step() {  # name, timeout (s), command...: output to $OUT/<name>.log; a fail
     phase "$name: exit $rc after $((SECONDS - start)) s"
 }
 
+if compgen -G ".whl/*.whl" >/dev/null; then  # optional packages carried as wheels (accelerate for the peer)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 phase "environment"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -57,21 +62,24 @@ EOF
 } 2>&1 | tee -a "$LOG"
 
 BENCH=(python3 -m powerinfer bench --threads "$THREADS")
-run_step smoke "${SMOKE_S:-150}" "${BENCH[@]}" --synth tiny --modes gpu,dense-gpu,offload,hybrid --vram-budget 0.0055 \
+has() { [[ " ${STEPS:-smoke 7b 13b peer} " == *" $1 "* ]]; }
+has smoke && run_step smoke "${SMOKE_S:-150}" "${BENCH[@]}" --synth tiny --modes gpu,dense-gpu,offload,hybrid --vram-budget 0.008 \
     --prompt-tokens 16 --gen-tokens 16 --repeats 1 --bandwidth-mib 256
 
 limit=$(( $(left) < 380 ? $(left) : 380 ))
-run_step bench_7b "$limit" "${BENCH[@]}" --synth llama2-7b --vram-budget 8 --modes hybrid,gpu,dense-gpu,offload \
+has 7b && run_step bench_7b "$limit" "${BENCH[@]}" --synth llama2-7b --vram-budget 8 --modes hybrid,gpu,dense-gpu,offload \
     --gen-tokens "$GEN" --repeats "$REPEATS" --json "$OUT/bench_7b.json"
 
-if [ "$(left)" -gt 200 ]; then
+if ! has 13b; then
+    phase "bench_13b not in STEPS"
+elif [ "$(left)" -gt 200 ]; then
     run_step bench_13b $(( $(left) - 15 )) "${BENCH[@]}" --synth llama2-13b --vram-budget 12 \
         --modes hybrid,gpu,dense-gpu,offload --gen-tokens "$GEN" --repeats "$REPEATS" --json "$OUT/bench_13b.json"
 else
     phase "bench_13b skipped: $(left) s left"
 fi
 
-if [ "${PEER:-0}" = 1 ] && [ "$(left)" -gt 150 ]; then
+if [ "${PEER:-0}" = 1 ] && has peer && [ "$(left)" -gt 150 ]; then
     run_step peer_7b $(( $(left) - 10 )) "${BENCH[@]}" --synth llama2-7b --vram-budget 8 --modes hf-accelerate \
         --gen-tokens 32 --repeats 1 --json "$OUT/peer_7b.json"
 else

@@ -12,6 +12,7 @@ torch.profiler table of a few steps. Without a GPU it is a dry run with the hot 
 import powerinfer  # noqa: F401  (before torch: sets the OpenMP wait policy)
 
 import argparse
+import os
 import json
 import time
 from collections import defaultdict
@@ -55,19 +56,23 @@ def main():
     p.add_argument("--vram-budget", type=float, default=8.0)
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--sweep-threads", default="", help="also time decode at these thread counts, e.g. 4,8")
+    p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler table")
     p.add_argument("--json")
     args = p.parse_args()
     set_threads(args.threads)
     context = 64 + 2 * args.steps + 16
     cuda = torch.cuda.is_available()  # without one: a dry run of the script, both halves on the CPU
     dtype = torch.float16 if cuda else torch.float32
-    artifact, summary = synthetic_artifact(args.shape, 0.9, 0.8, 0, 4096, context, dtype, cuda, None)
+    artifact, summary = synthetic_artifact(args.shape, 0.9, 0.8, 0, args.calib_tokens, context, dtype, cuda, None)
     gen = powerinfer.load(artifact, device="cuda" if cuda else "cpu", dtype=dtype, context=context,
                           mode="hybrid", vram_budget=args.vram_budget)
     prompt = random_prompt(gen.loaded.args.vocab_size, 64)
     gen.generate(prompt, max_tokens=4, sampling=SamplingParams(temperature=0), ignore_eos=True)
     report = {**environment(cuda), "what": f"SYNTHETIC {args.shape} hybrid decode, wall-time split",
-              "vram_budget_gib": args.vram_budget, "threads": args.threads, "synthetic_build": summary}
+              "vram_budget_gib": args.vram_budget, "threads": args.threads,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "synthetic_build": summary}
     with torch.inference_mode():
         report["decode_ms"] = round(1e3 * decode(gen, prompt, args.steps), 3)
         report["decode_uses_graph_segments"] = gen.use_segments
@@ -89,6 +94,16 @@ def main():
         report["wrapped_decode_ms"] = round(1e3 * wall, 3)
         report["split_ms_per_token"] = split
         print(json.dumps({k: v for k, v in report.items() if k.endswith("_ms") or k.startswith("split")}), flush=True)
+        sweep = {}
+        for threads in [int(n) for n in args.sweep_threads.split(",") if n]:
+            set_threads(threads)
+            sweep[threads] = round(1e3 * decode(gen, prompt, args.steps), 3)
+        if sweep:
+            report["decode_ms_by_threads"] = sweep
+            print("decode ms by threads", sweep, flush=True)
+            set_threads(args.threads)
+        if args.no_profile:
+            return _write(report, args.json)
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
@@ -100,8 +115,12 @@ def main():
         report["profile_top_self_cpu_us_per_step"] = {
             e.key: round(e.self_cpu_time_total / 4, 1)
             for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]}
-    if args.json:
-        with open(args.json, "w") as f:
+    _write(report, args.json)
+
+
+def _write(report, path):
+    if path:
+        with open(path, "w") as f:
             json.dump(report, f, indent=1)
 
 

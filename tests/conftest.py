@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import powerinfer  # noqa: F401  (before any test module imports torch: it sets OMP_WAIT_POLICY)
+import powerinfer  # noqa: F401  (before any test module imports torch: it sets GOMP_SPINCOUNT)
 
 
 @pytest.fixture(scope="session")

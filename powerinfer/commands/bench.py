@@ -134,7 +134,12 @@ def run(args) -> int:
     started = time.perf_counter()
 
     synthetic = None
-    if args.synth:
+    if args.synth and modes == ["hf-accelerate"]:  # the peer reads the plain checkpoint: no artifact to build
+        from powerinfer.offline.synth import load_synthetic_model
+        checkpoint, artifact = load_synthetic_model(args.synth, args.sparsity, args.skew, args.seed, dtype=gpu_dtype,
+                                                    device="cuda" if cuda else "cpu").checkpoint, False
+        synthetic = {"shape_name": args.synth, "sparsity": args.sparsity, "skew": args.skew, "seed": args.seed}
+    elif args.synth:
         args.calib_tokens = args.calib_tokens or (8192 if cuda else 2048)
         checkpoint, synthetic = synthetic_artifact(args.synth, args.sparsity, args.skew, args.seed,
                                                    args.calib_tokens, context, gpu_dtype, cuda, log)
@@ -190,7 +195,7 @@ def run(args) -> int:
     print(f"{report['device']}, {checkpoint.path}{label}, batch 1, prompt {args.prompt_tokens}, "
           f"gen {args.gen_tokens}, threads {report['threads']}"
           + (f", VRAM budget {args.vram_budget:g} GiB" if args.vram_budget else ""))
-    if synthetic:
+    if synthetic and "planted_sparsity_mean" in synthetic:  # a built artifact (not the peer-only model)
         print(f"synthetic build: planted sparsity {synthetic['planted_sparsity_mean']:.3f}, profiled "
               f"{synthetic['profiled_sparsity_mean']:.3f}, predicted {synthetic['predicted_sparsity_mean']:.3f} at "
               f"recall {synthetic['predictor_recall_mean']:.3f} (predictor ranks {synthetic['predictor_ranks']}); "

@@ -31,10 +31,10 @@ inputs to it. Loops index slices that start at 0: numba cannot prove that
 ``range(lo, hi)`` indices are non-negative and then skips vectorisation because of
 negative-index wraparound.
 
-Threads: numba's OpenMP pool and torch's are separate libgomp instances. With libgomp's
-default spin-waiting they steal each other's cores whenever calls alternate (measured
-3-10x slower kernels on 2 cores), so the process should start with
-OMP_WAIT_POLICY=PASSIVE in its environment, set before torch is imported.
+Threads: numba's OpenMP pool and torch's are separate libgomp instances. Spinning without
+bound they steal each other's cores whenever calls alternate (measured 3-10x slower kernels
+on 2 cores); sleeping at once, every kernel pays the wake-up. `import powerinfer` (before
+torch) sets a bounded spin, GOMP_SPINCOUNT=100000 (see powerinfer/__init__.py).
 """
 
 import math
