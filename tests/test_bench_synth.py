@@ -214,3 +214,15 @@ def test_in_memory_artifact_runs_like_the_model_and_exports_for_transformers(tmp
         reference = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     with torch.inference_mode():
         torch.testing.assert_close(reference(TOKENS).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_peer_only_checkpoint_exports_the_same_model(tmp_path):
+    """`bench --synth S --modes hf-accelerate` writes the plain synthetic checkpoint (no artifact) for transformers:
+    it must hold every weight of the model that `load_synthetic_model` builds."""
+    from powerinfer.bench import hf_directory
+    from powerinfer.offline.synth import load_synthetic_model, synthetic_checkpoint
+
+    expected = _logits(load_synthetic_model("tiny", seed=1, dtype=torch.float32))
+    checkpoint, _ = synthetic_checkpoint("tiny", seed=1, dtype=torch.float32)
+    hf_dir = hf_directory(checkpoint, str(tmp_path), torch.float32)
+    torch.testing.assert_close(_logits(load_model(hf_dir)), expected, atol=1e-5, rtol=1e-5)

@@ -135,9 +135,10 @@ def run(args) -> int:
 
     synthetic = None
     if args.synth and modes == ["hf-accelerate"]:  # the peer reads the plain checkpoint: no artifact to build
-        from powerinfer.offline.synth import load_synthetic_model
-        checkpoint, artifact = load_synthetic_model(args.synth, args.sparsity, args.skew, args.seed, dtype=gpu_dtype,
-                                                    device="cuda" if cuda else "cpu").checkpoint, False
+        from powerinfer.offline.synth import synthetic_checkpoint
+        checkpoint, _ = synthetic_checkpoint(args.synth, args.sparsity, args.skew, args.seed, dtype=gpu_dtype,
+                                             device="cuda" if cuda else "cpu")
+        artifact = False
         synthetic = {"shape_name": args.synth, "sparsity": args.sparsity, "skew": args.skew, "seed": args.seed}
     elif args.synth:
         args.calib_tokens = args.calib_tokens or (8192 if cuda else 2048)

@@ -311,18 +311,27 @@ def make_synthetic_relu_model(shape: str | dict = "tiny", sparsity: float = 0.9,
     return out_dir
 
 
-def load_synthetic_model(shape: str | dict = "tiny", sparsity: float = 0.9, skew: float = 0.8, seed: int = 0,
+def synthetic_checkpoint(shape: str | dict = "tiny", sparsity: float = 0.9, skew: float = 0.8, seed: int = 0,
                          dtype: torch.dtype = torch.float16, device="cpu", gate_rank: int = 8,
                          calibration_tokens: int = 1024, progress: bool = False):
-    """The synthetic model built in memory on `device` in `dtype` (a `LoadedModel`, nothing written):
+    """(the synthetic checkpoint in memory, on `device` in `dtype`, nothing written; its `SyntheticModel`):
     the same weights `make_synthetic_relu_model` writes for the same arguments and device."""
-    from powerinfer.loading import load_model
     from powerinfer.loading.memory import MemoryCheckpoint
 
     synth = SyntheticModel(shape, sparsity, skew, seed, gate_rank, calibration_tokens, device)
     weights = dict(synth.tensors(dtype, progress))
-    checkpoint = MemoryCheckpoint(f"synthetic:{synth.shape_name}", synth.config(dtype),
-                                  synthetic_tokenizer(synth.args.vocab_size), weights)
+    return MemoryCheckpoint(f"synthetic:{synth.shape_name}", synth.config(dtype),
+                            synthetic_tokenizer(synth.args.vocab_size), weights), synth
+
+
+def load_synthetic_model(shape: str | dict = "tiny", sparsity: float = 0.9, skew: float = 0.8, seed: int = 0,
+                         dtype: torch.dtype = torch.float16, device="cpu", gate_rank: int = 8,
+                         calibration_tokens: int = 1024, progress: bool = False):
+    """The synthetic model of `synthetic_checkpoint` loaded (a `LoadedModel`)."""
+    from powerinfer.loading import load_model
+
+    checkpoint, synth = synthetic_checkpoint(shape, sparsity, skew, seed, dtype, device, gate_rank,
+                                             calibration_tokens, progress)
     loaded = load_model(checkpoint, device=device, dtype=dtype)
     checkpoint.tensors.clear()  # the model owns the weights now (q/k/v and gate/up were fused into copies)
     loaded.checkpoint.planted = synth.planted
