@@ -396,6 +396,7 @@ def run_hf_accelerate(hf_dir, vram_budget_gib: float, prompt_tokens: int, gen_to
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    reserved_before = torch.cuda.memory_reserved()  # counted in the peak: should be ~0
     started = time.perf_counter()
     host = int(0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     try:
@@ -439,7 +440,7 @@ def run_hf_accelerate(hf_dir, vram_budget_gib: float, prompt_tokens: int, gen_to
         "decode_tok_s": round(statistics.median(decode), 2),
         "decode_tok_s_min": round(min(decode), 2), "decode_tok_s_max": round(max(decode), 2),
         "prefill_tok_s": round(statistics.median(prefill), 1), "ttft_s": round(statistics.median(ttft), 4),
-        "peak_gpu_bytes": torch.cuda.max_memory_reserved(),
+        "peak_gpu_bytes": torch.cuda.max_memory_reserved(), "gpu_bytes_reserved_before_load": reserved_before,
         "peer": f"transformers {transformers.__version__} + accelerate {accelerate.__version__}, "
                 f"device_map=auto, max_memory GPU {vram_budget_gib:g} GiB",
         "offloaded_bytes": offloaded, "bytes_per_token": traffic,

@@ -106,6 +106,7 @@ def _modes(args, artifact: bool, cuda: bool) -> list[str]:
 
 
 def run(args) -> int:
+    import gc
     import shutil
     import tempfile
 
@@ -178,7 +179,11 @@ def run(args) -> int:
             print(f"benchmarking {mode} ...", file=log, flush=True)
             if mode == "hf-accelerate":
                 tmp_root = tmp_root or tempfile.mkdtemp(prefix="powerinfer-hf-")
-                result = run_hf_accelerate(hf_directory(checkpoint, tmp_root, gpu_dtype), args.vram_budget,
+                hf_dir = hf_directory(checkpoint, tmp_root, gpu_dtype)
+                if checkpoint.format == "memory":  # the plain synthetic model, written out: free its GPU copy
+                    checkpoint.tensors.clear()
+                    gc.collect()
+                result = run_hf_accelerate(hf_dir, args.vram_budget,
                                            args.prompt_tokens, args.gen_tokens, args.repeats, gpu_dtype, bandwidths)
             else:
                 result = run_mode(load, mode, args.prompt_tokens, args.gen_tokens, args.repeats, args.split_tokens,
