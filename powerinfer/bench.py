@@ -46,6 +46,9 @@ def device_name(cuda: bool) -> str:
 
 
 def git_commit() -> str:
+    """This checkout's commit; POWERINFER_COMMIT when set (a copied working tree's git HEAD may be stale)."""
+    if os.environ.get("POWERINFER_COMMIT"):
+        return os.environ["POWERINFER_COMMIT"]
     try:
         here = Path(__file__).resolve().parent
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
@@ -526,7 +529,8 @@ def plot_results(report: dict, path) -> Path:
     budget = report.get("vram_budget_gib")
     ax.set_title(f"{name}{synthetic}: batch 1, prompt {report.get('prompt_tokens')}, gen {report.get('gen_tokens')}"
                  + (f", VRAM budget {budget:g} GiB" if budget else "")
-                 + f"\n{report.get('device', '')}, commit {str(report.get('commit', ''))[:10]}", fontsize=8)
+                 + f"\n{report.get('device', '')}, commit {str(report.get('code_commit') or report.get('commit', ''))[:10]}",
+                 fontsize=8)
     ax.set_ylabel("decode tokens/s")
     ax.legend(fontsize=8)
     fig.tight_layout()
