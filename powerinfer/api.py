@@ -19,14 +19,18 @@ GiB = 1 << 30
 
 def load(model=None, device: str = "cpu", dtype=None, context: int | None = None,
          cuda_graphs: bool | None = None, mode: str | None = None,
-         vram_budget: float | None = None) -> Generator:
+         vram_budget: float | None = None, cpu_dtype: str | None = None) -> Generator:
     """Load a GGUF file, Hugging Face directory or artifact (None: the default model) ready to generate.
 
     mode: hybrid | gpu | cpu | dense | offload (default: the artifact's natural mode, else dense).
     vram_budget: GiB of GPU memory for hybrid (re-plans the artifact's placement) and offload.
+    cpu_dtype: "float32" | "bfloat16", of the FFN rows in CPU memory (default: bfloat16 when a GPU holds the
+    rest, else float32).
     """
     if mode is not None and mode not in MODES:
         raise PowerInferError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    if cpu_dtype not in (None, "float32", "bfloat16"):
+        raise PowerInferError(f"cpu_dtype must be float32 or bfloat16, got {cpu_dtype!r}")
     if vram_budget is not None and not vram_budget > 0:
         raise PowerInferError(f"the VRAM budget must be positive, got {vram_budget} GiB")
     checkpoint = open_checkpoint(model)
@@ -39,6 +43,7 @@ def load(model=None, device: str = "cpu", dtype=None, context: int | None = None
         raise PowerInferError(f"--mode {mode} runs an artifact; build one with "
                               f"`powerinfer build --model {model or '<default>'} --vram-budget GiB -o DIR`")
     hot_dtype = resolve_dtype(dtype, device)
+    cold_dtype = DTYPES[cpu_dtype] if cpu_dtype else None
     # the executor converts each piece to its device's dtype (CPU: float32 for the numba kernels), so load in
     # the dtype an artifact stores (exact, half the memory of float32 for a 13B model), else in float32
     stored = checkpoint.manifest["build"].get("weights_dtype") if artifact else None
@@ -50,8 +55,8 @@ def load(model=None, device: str = "cpu", dtype=None, context: int | None = None
         ctx = min(context or DEFAULT_CONTEXT, loaded.args.max_position_embeddings)
         layers = offload_layers_for_budget(loaded.args, int(vram_budget * GiB), ctx,
                                            torch.tensor([], dtype=hot_dtype).element_size())
-        return Generator(build_executor(loaded, "offload", device, offload_layers=layers, hot_dtype=hot_dtype),
-                         context, cuda_graphs)
+        return Generator(build_executor(loaded, "offload", device, offload_layers=layers, hot_dtype=hot_dtype,
+                                        cold_dtype=cold_dtype), context, cuda_graphs)
 
     manifest = checkpoint.manifest
     placement = None
@@ -66,5 +71,6 @@ def load(model=None, device: str = "cpu", dtype=None, context: int | None = None
                                       f"{checkpoint.path} --vram-budget GiB` or pass --vram-budget")
     strategy = manifest["strategy"]["name"]
     executor = build_executor(loaded, mode, device, checkpoint.predictors() if strategy == "predictor" else None,
-                              placement, hot_dtype=hot_dtype, strategy=strategy, layer_params=manifest["layers"])
+                              placement, hot_dtype=hot_dtype, strategy=strategy, layer_params=manifest["layers"],
+                              cold_dtype=cold_dtype)
     return Generator(executor, context, cuda_graphs)

@@ -359,7 +359,8 @@ def run_mode(load_generator, mode: str, prompt_tokens: int, gen_tokens: int, rep
         result["placement"] = {
             "gpu_ffn_row_share": round(sum(layer.n_hot for layer in plan.layers) / (len(plan.layers) * n_ff), 4),
             "attention_layers_on_gpu": sum(layer.attention_device.type == "cuda" for layer in plan.layers),
-            "embeddings_on_gpu": plan.embed_device.type == "cuda", "lm_head_on_gpu": plan.head_device.type == "cuda"}
+            "embeddings_on_gpu": plan.embed_device.type == "cuda", "lm_head_on_gpu": plan.head_device.type == "cuda",
+            "cpu_ffn_dtype": str(plan.cold_dtype).removeprefix("torch.")}
     active = None
     if split_tokens:
         result["decode_split"], active = decode_split(gen, prompt, min(split_tokens, gen_tokens))

@@ -12,6 +12,7 @@ torch.profiler table of a few steps. Without a GPU it is a dry run with the hot 
 import powerinfer  # noqa: F401  (before torch: sets the OpenMP wait policy)
 
 import argparse
+import gc
 import os
 import json
 import time
@@ -59,6 +60,9 @@ def main():
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--sweep-threads", default="", help="also time decode at these thread counts, e.g. 4,8")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler table")
+    p.add_argument("--compare", default="",
+                   help="also time these MODE:CPU_DTYPE executors of the same artifact, e.g. "
+                        "hybrid:float32,offload:bfloat16,offload:float32")
     p.add_argument("--json")
     args = p.parse_args()
     set_threads(args.threads)
@@ -66,13 +70,15 @@ def main():
     cuda = torch.cuda.is_available()  # without one: a dry run of the script, both halves on the CPU
     dtype = torch.float16 if cuda else torch.float32
     artifact, summary = synthetic_artifact(args.shape, 0.9, 0.8, 0, args.calib_tokens, context, dtype, cuda, None)
-    gen = powerinfer.load(artifact, device="cuda" if cuda else "cpu", dtype=dtype, context=context,
-                          mode="hybrid", vram_budget=args.vram_budget)
+    device = "cuda" if cuda else "cpu"
+    gen = powerinfer.load(artifact, device=device, dtype=dtype, context=context, mode="hybrid",
+                          vram_budget=args.vram_budget)
     prompt = random_prompt(gen.loaded.args.vocab_size, 64)
     gen.generate(prompt, max_tokens=4, sampling=SamplingParams(temperature=0), ignore_eos=True)
     report = {**environment(cuda), "what": f"SYNTHETIC {args.shape} hybrid decode, wall-time split",
               "vram_budget_gib": args.vram_budget, "threads": args.threads,
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "synthetic_build": summary}
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+              "cpu_ffn_dtype": str(gen.model.plan.cold_dtype).removeprefix("torch."), "synthetic_build": summary}
     with torch.inference_mode():
         report["decode_ms"] = round(1e3 * decode(gen, prompt, args.steps), 3)
         report["decode_uses_graph_segments"] = gen.use_segments
@@ -102,6 +108,20 @@ def main():
             report["decode_ms_by_threads"] = sweep
             print("decode ms by threads", sweep, flush=True)
             set_threads(args.threads)
+        compared = {}
+        for item in [c for c in args.compare.split(",") if c]:
+            mode, cpu_dtype = item.split(":")
+            other = powerinfer.load(artifact, device=device, dtype=dtype, context=context, mode=mode,
+                                    vram_budget=args.vram_budget, cpu_dtype=cpu_dtype)
+            other.generate(prompt, max_tokens=4, sampling=SamplingParams(temperature=0), ignore_eos=True)
+            compared[item] = round(1e3 * decode(other, prompt, args.steps), 3)
+            print(f"{item}: {compared[item]} ms per token", flush=True)
+            del other
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        if compared:
+            report["decode_ms_compared"] = compared
         if args.no_profile:
             return _write(report, args.json)
         from torch.profiler import ProfilerActivity, profile

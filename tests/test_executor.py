@@ -166,3 +166,25 @@ def test_hybrid_graph_segments_equal_eager_decode(relu_model, ends_on_gpu):
     (eager, eager_shares), (segments, segment_shares) = results
     torch.testing.assert_close(segments, eager, atol=1e-4, rtol=1e-4)
     assert segment_shares == pytest.approx(eager_shares)
+
+
+@pytest.mark.parametrize("mode,n_hot", [("cpu", None), ("hybrid", [101, 7, 1])])
+def test_bfloat16_cpu_rows_equal_dense_with_those_rows_rounded(relu_model, mode, n_hot):
+    """cold_dtype=bfloat16 stores the CPU's FFN rows in bfloat16 and computes in float32: the same as the dense
+    model whose CPU rows (gate/up rows, down columns) were rounded to bfloat16."""
+    ids = torch.randint(0, 256, (16,)).tolist()
+    dense = load_model(relu_model)
+    with torch.no_grad():
+        for block, hot in zip(dense.model.layers, n_hot or [0] * 3):
+            n_ff = block.mlp.down_proj.weight.shape[1]
+            gate_up, down = block.mlp.gate_up_proj.weight, block.mlp.down_proj.weight
+            for rows in (gate_up[hot:n_ff], gate_up[n_ff + hot:]):
+                rows.copy_(rows.to(torch.bfloat16).float())
+            down[:, hot:] = down[:, hot:].to(torch.bfloat16).float()
+    want = _logits(dense, ids)
+    loaded = load_model(relu_model)
+    placement = _placement(3, n_hot) if n_hot else None
+    # the oracle reads the rounded weights: a gate near 0 may change sign when rounded
+    run = build_executor(loaded, mode, "cpu", _oracles(dense), placement, cold_dtype=torch.bfloat16)
+    assert all(ffn.cold is None or ffn.cold[0].dtype == torch.bfloat16 for ffn in run.model.ffns)
+    torch.testing.assert_close(_logits(run, ids), want, atol=2e-5, rtol=1e-5)

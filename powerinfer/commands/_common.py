@@ -42,6 +42,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="executor (default: an artifact runs hybrid on cuda, cpu otherwise; a plain model dense)")
     p.add_argument("--vram-budget", type=positive_float, default=None, metavar="GiB",
                    help="GPU memory for hybrid (re-plans the artifact) and offload")
+    add_cpu_dtype_argument(p)
+
+
+def add_cpu_dtype_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="dtype of the FFN rows kept in CPU memory by hybrid/cpu/offload (default: bfloat16 when the GPU holds the "
+                        "rest, else float32; bfloat16 halves the bytes the CPU streams per token)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
@@ -80,4 +87,4 @@ def load_generator(args):
     set_threads(args.threads)
     return powerinfer.load(args.model, device=args.device, dtype=args.dtype, context=args.ctx,
                            cuda_graphs=False if args.no_cuda_graphs else None, mode=args.mode,
-                           vram_budget=args.vram_budget)
+                           vram_budget=args.vram_budget, cpu_dtype=args.cpu_dtype)

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from powerinfer.commands._common import _number, positive_float, positive_int, set_threads
+from powerinfer.commands._common import _number, add_cpu_dtype_argument, positive_float, positive_int, set_threads
 
 HELP = "benchmark decode and prefill speed of executor modes on one model (or a synthetic one), side by side"
 open_unit = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
@@ -42,7 +42,8 @@ def add_arguments(p) -> None:
                    help="decode steps of the extra instrumented run that splits the step time (0: skip)")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                   help="GPU dtype, and --synth's weights (default float16; the CPU side is float32)")
+                   help="GPU dtype, and --synth's weights (default float16; see --cpu-dtype for the CPU side)")
+    add_cpu_dtype_argument(p)
     p.add_argument("--bandwidth-mib", type=positive_int, default=1024,
                    help="buffer size of the bandwidth measurements behind the roofline (default: 1024)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
@@ -155,6 +156,7 @@ def run(args) -> int:
         budget = args.vram_budget if executor in ("hybrid", "offload") else None
         dtype = gpu_dtype if device == "cuda" else "float32"
         return powerinfer.load(model_ref, device=device, dtype=dtype, context=context, mode=executor,
+                               cpu_dtype=args.cpu_dtype,
                                vram_budget=budget)
 
     config = checkpoint.config
@@ -167,7 +169,7 @@ def run(args) -> int:
         "strategy": checkpoint.manifest["strategy"]["name"] if artifact else None},
         "vram_budget_gib": args.vram_budget, "threads": torch.get_num_threads(), "batch_size": 1,
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats,
-        "gpu_dtype": str(gpu_dtype).removeprefix("torch."), "cpu_dtype": "float32",
+        "gpu_dtype": str(gpu_dtype).removeprefix("torch."), "cpu_dtype": args.cpu_dtype or "auto",
         "bandwidths_GBps": bandwidths,
         "bandwidth_method": {"cpu_read": "torch sum of a float32 buffer, configured threads",
                              "gpu_copy": "device-to-device copy, bytes read + written",

@@ -21,9 +21,10 @@ Every kernel also has a single-threaded build, used below ``SERIAL_MAX_BYTES`` o
 waking the thread pool costs more than the work.
 
 Weights may be float32 or bfloat16. numba has no 16-bit float arithmetic, so bfloat16
-weights arrive as their raw int16 bit patterns (half the bytes to stream) and are
-widened to float32 in a per-thread scratch row: a bfloat16 is the upper half of a
-float32. Activations, accumulation and outputs are float32.
+weights arrive as their raw int16 bit patterns (half the bytes to stream) and each element
+is widened where it is used: a bfloat16 is the upper half of a float32, so a shift and a
+bit cast (an LLVM intrinsic) that vectorise with the loop. Activations, accumulation and
+outputs are float32.
 
 Each kernel compiles one signature per weight dtype (C-contiguous float32 2-D
 ``x``/``h``/``out``, int64 indices) to keep JIT time low; the wrappers normalise their
@@ -45,7 +46,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 from numba import types as nb_types
-from numba.extending import overload
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 from powerinfer.kernels.activations import activation_code
 
@@ -83,22 +85,31 @@ def _gated(gate, up, code):
     return np.float32(0.5) * gate * (np.float32(1.0) + math.tanh(inner)) * up
 
 
-def _as_float32_row(row, scratch_bits, scratch):
-    """A float32 view of one weight row; int16 rows (bfloat16 bits) are widened into scratch."""
+@intrinsic
+def _bfloat16_to_float32(typingctx, bits):
+    """The float32 value of a bfloat16 given as its 16 raw bits: widened into the upper half of a 32-bit
+    word and bit-cast (zext, shl, bitcast in LLVM: they vectorise with the loop around them)."""
+    if not (isinstance(bits, nb_types.Integer) and bits.bitwidth == 16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        word = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(word, ir.FloatType())
+
+    return nb_types.float32(bits), codegen
 
 
-@overload(_as_float32_row, inline="always")
-def _as_float32_row_impl(row, scratch_bits, scratch):
-    # Chosen at compile time from the weight dtype, so float32 rows cost nothing.
+def _weight(row, i):
+    """Element i of a weight row as float32."""
+
+
+@overload(_weight, inline="always")
+def _weight_impl(row, i):
+    # Chosen at compile time from the weight dtype: float32 rows are read as they are; int16 rows hold
+    # bfloat16 bits.
     if row.dtype == nb_types.float32:
-        return lambda row, scratch_bits, scratch: row
-
-    def widen(row, scratch_bits, scratch):
-        for i in range(row.shape[0]):
-            scratch_bits[i] = np.uint32(np.uint16(row[i])) << np.uint32(16)
-        return scratch
-
-    return widen
+        return lambda row, i: row[i]
+    return lambda row, i: _bfloat16_to_float32(row[i])
 
 
 @njit(**_JIT)
@@ -106,48 +117,41 @@ def _gate_up_kernel(x, w_gate, w_up, idx, code, n_tasks, out):
     n_tokens, d = x.shape
     k = idx.shape[0]
     for task in prange(n_tasks):
-        # Scratch rows for bfloat16 widening (unused for float32 weights).
-        gate_bits = np.empty(d, np.uint32)
-        up_bits = np.empty(d, np.uint32)
-        gate_scratch = gate_bits.view(np.float32)
-        up_scratch = up_bits.view(np.float32)
         for j in range(task * k // n_tasks, (task + 1) * k // n_tasks):
-            gate_row = _as_float32_row(w_gate[idx[j]], gate_bits, gate_scratch)
-            up_row = _as_float32_row(w_up[idx[j]], up_bits, up_scratch)
+            gate_row = w_gate[idx[j]]
+            up_row = w_up[idx[j]]
             for t in range(n_tokens):
                 x_t = x[t]
                 gate = np.float32(0.0)
                 up = np.float32(0.0)
                 for i in range(d):
-                    gate += x_t[i] * gate_row[i]
-                    up += x_t[i] * up_row[i]
+                    gate += x_t[i] * _weight(gate_row, i)
+                    up += x_t[i] * _weight(up_row, i)
                 out[t, j] = _gated(gate, up, code)
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _accumulate_rows(acc, h, ids, start, stop, w_down_t, rows_bits, rows_scratch):
+def _accumulate_rows(acc, h, ids, start, stop, w_down_t):
     """acc[t] += h[t, j] * w_down_t[ids[j]] for j in [start, stop): four rows per pass over acc (one
     load/store of the accumulator per four FMAs)."""
     n_tokens, d = acc.shape
     j = start
     while j + _DOWN_ROWS <= stop:
-        r0 = _as_float32_row(w_down_t[ids[j]], rows_bits[0], rows_scratch[0])
-        r1 = _as_float32_row(w_down_t[ids[j + 1]], rows_bits[1], rows_scratch[1])
-        r2 = _as_float32_row(w_down_t[ids[j + 2]], rows_bits[2], rows_scratch[2])
-        r3 = _as_float32_row(w_down_t[ids[j + 3]], rows_bits[3], rows_scratch[3])
+        r0, r1, r2, r3 = w_down_t[ids[j]], w_down_t[ids[j + 1]], w_down_t[ids[j + 2]], w_down_t[ids[j + 3]]
         for t in range(n_tokens):
             c0, c1, c2, c3 = h[t, j], h[t, j + 1], h[t, j + 2], h[t, j + 3]
             acc_t = acc[t]
             for c in range(d):
-                acc_t[c] += c0 * r0[c] + c1 * r1[c] + c2 * r2[c] + c3 * r3[c]
+                acc_t[c] += (c0 * _weight(r0, c) + c1 * _weight(r1, c) + c2 * _weight(r2, c)
+                             + c3 * _weight(r3, c))
         j += _DOWN_ROWS
     while j < stop:
-        row = _as_float32_row(w_down_t[ids[j]], rows_bits[0], rows_scratch[0])
+        row = w_down_t[ids[j]]
         for t in range(n_tokens):
             coeff = h[t, j]
             acc_t = acc[t]
             for c in range(d):
-                acc_t[c] += coeff * row[c]
+                acc_t[c] += coeff * _weight(row, c)
         j += 1
 
 
@@ -171,10 +175,7 @@ def _down_kernel(h, w_down_t, idx, n_tasks, out):
     d = w_down_t.shape[1]
     partial = np.zeros((n_tasks, n_tokens, d), np.float32)
     for task in prange(n_tasks):
-        rows_bits = np.empty((_DOWN_ROWS, d), np.uint32)
-        rows_scratch = rows_bits.view(np.float32)
-        _accumulate_rows(partial[task], h, idx, task * k // n_tasks, (task + 1) * k // n_tasks, w_down_t,
-                         rows_bits, rows_scratch)
+        _accumulate_rows(partial[task], h, idx, task * k // n_tasks, (task + 1) * k // n_tasks, w_down_t)
     _sum_partials(partial, out)
 
 
@@ -283,15 +284,13 @@ def _gemv_kernel(x, w, n_tasks, out):
     n_tokens, d = x.shape
     rows = w.shape[0]
     for task in prange(n_tasks):
-        bits = np.empty(d, np.uint32)
-        scratch = bits.view(np.float32)
         for j in range(task * rows // n_tasks, (task + 1) * rows // n_tasks):
-            row = _as_float32_row(w[j], bits, scratch)
+            row = w[j]
             for t in range(n_tokens):
                 x_t = x[t]
                 acc = np.float32(0.0)
                 for i in range(d):
-                    acc += x_t[i] * row[i]
+                    acc += x_t[i] * _weight(row, i)
                 out[t, j] = acc
 
 
@@ -319,8 +318,6 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
     for task in prange(n_tasks):
         lo = task * n // n_tasks
         hi = (task + 1) * n // n_tasks
-        rows_bits = np.empty((_DOWN_ROWS, d), np.uint32)
-        rows_scratch = rows_bits.view(np.float32)
         # pass 1: gate/up of this task's active neurons; keep those with a nonzero h (a predicted neuron
         # that stays at zero never has its down row read)
         rows = np.empty(hi - lo, np.int64)
@@ -331,16 +328,15 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
             if not mask[j]:
                 continue
             active += 1
-            gate_row = _as_float32_row(w_gate[j], rows_bits[0], rows_scratch[0])
-            up_row = _as_float32_row(w_up[j], rows_bits[1], rows_scratch[1])
+            gate_row, up_row = w_gate[j], w_up[j]
             nonzero = False
             for t in range(n_tokens):
                 x_t = x[t]
                 gate = np.float32(0.0)
                 up = np.float32(0.0)
                 for i in range(d):
-                    gate += x_t[i] * gate_row[i]
-                    up += x_t[i] * up_row[i]
+                    gate += x_t[i] * _weight(gate_row, i)
+                    up += x_t[i] * _weight(up_row, i)
                 value = _gated(gate, up, code)
                 h[t, m] = value
                 nonzero = nonzero or value != 0
@@ -349,7 +345,7 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
                 m += 1
         counts[task] = active
         # pass 2: the down AXPY over the kept rows
-        _accumulate_rows(partial[task], h, rows, 0, m, w_down_t, rows_bits, rows_scratch)
+        _accumulate_rows(partial[task], h, rows, 0, m, w_down_t)
     _sum_partials(partial, out)
     return counts.sum()
 

@@ -20,18 +20,23 @@ GEMV_MAX_TOKENS = 4
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; bfloat16 weights with float32 inputs are widened to float32 (as the kernel does)."""
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
     return F.linear(x, weight, bias)
 
 
 def use_gemv_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     return (_cpu_kernels is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and 0 < rows <= GEMV_MAX_TOKENS and weight.is_contiguous()
+            and weight.dtype in (torch.float32, torch.bfloat16) and 0 < rows <= GEMV_MAX_TOKENS
+            and weight.is_contiguous()
             and not torch.is_grad_enabled())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the numba GEMV for few-token float32 CPU inputs outside autograd."""
+    """F.linear, with the numba GEMV for few-token float32 CPU inputs (float32 or bfloat16 weights) outside
+    autograd."""
     if not use_gemv_kernel(x, weight):
         return linear_reference(x, weight, bias)
     y = _cpu_kernels.dense_gemv(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])

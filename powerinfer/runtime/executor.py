@@ -54,9 +54,11 @@ class ExecutionPlan:
     layers: list[LayerPlan]
     embed_device: torch.device
     head_device: torch.device
+    # the CPU's FFN rows: float32, or bfloat16 (half the bytes to stream; the numba kernels widen each element)
+    cold_dtype: torch.dtype = torch.float32
 
     def device_dtype(self, device: torch.device) -> torch.dtype:
-        # CPU weights stay float32: the numba kernels have no float16 arithmetic
+        # other CPU tensors stay float32: torch's CPU float16 kernels are slow, numba has no float16
         return self.hot_dtype if device == self.hot_device else torch.float32
 
 
@@ -111,7 +113,7 @@ class SplitFFN(nn.Module):
         self.hot_device, self.counts = plan.hot_device, counts
         gate, up, down_t = gate_up[:n_ff], gate_up[n_ff:], down.T
         self.hot = self._rows(gate, up, down_t, 0, self.n_hot, plan.hot_device, plan.hot_dtype)
-        self.cold = self._rows(gate, up, down_t, self.n_hot, n_ff, CPU, torch.float32)
+        self.cold = self._rows(gate, up, down_t, self.n_hot, n_ff, CPU, plan.cold_dtype)
         self.predictor = None
         if layer.strategy == "predictor":
             if predictor is None:
@@ -280,7 +282,7 @@ class SplitFFN(nn.Module):
         if kernels.should_use_dense(idx.numel(), gate.shape[0], x.shape[0]):
             if h is None:
                 return _dense_rows(x, gate, up, down_t, self.activation, mask)
-            return (h * mask.to(h.dtype)) @ down_t
+            return _times(h * mask.to(h.dtype), down_t)
         idx32 = idx.to(torch.int32)
         h = kernels.sparse_gate_up(x, gate, up, idx32, self.activation) if h is None else h[:, idx].contiguous()
         return kernels.sparse_down(h, down_t, idx32)
@@ -298,7 +300,12 @@ def _dense_rows(x, gate, up, down_t, activation, mask):
     h = ffn_activation(kernels.linear(x, gate), kernels.linear(x, up), activation)  # GEMV on the CPU
     if mask is not None:  # same result as the sparse operators over the same active set
         h = h * mask.to(h.dtype)
-    return h @ down_t
+    return _times(h, down_t)
+
+
+def _times(h, down_t):
+    """h @ down_t, bfloat16 CPU rows widened to h's float32 (as the sparse kernels do)."""
+    return h @ (down_t if down_t.dtype == h.dtype else down_t.to(h.dtype))
 
 
 class HybridTransformer(nn.Module):
@@ -379,7 +386,7 @@ class HybridTransformer(nn.Module):
 
 def plan_for_mode(mode: str, args, hot_device, hot_dtype, placement: dict | None = None,
                   offload_layers: int | None = None, strategy: str = "predictor",
-                  layer_params: list[dict] | None = None) -> ExecutionPlan:
+                  layer_params: list[dict] | None = None, cold_dtype=torch.float32) -> ExecutionPlan:
     """The `ExecutionPlan` of a mode. `hybrid` follows `placement` (the artifact's placement.json);
     `strategy` and `layer_params` (per layer `h_threshold`, `n_always_active`) come from its manifest."""
     hot_device = torch.device(hot_device)
@@ -410,7 +417,7 @@ def plan_for_mode(mode: str, args, hot_device, hot_dtype, placement: dict | None
         embed, head = CPU, (hot_device if k == n_layers else CPU)
     else:
         raise ValueError(f"unknown executor mode {mode!r} (choose from {', '.join(MODES)})")
-    return ExecutionPlan(mode, hot_device, hot_dtype, layers, embed, head)
+    return ExecutionPlan(mode, hot_device, hot_dtype, layers, embed, head, cold_dtype)
 
 
 def offload_layers_for_budget(args, budget_bytes: int, context: int, dtype_bytes: int = 2) -> int:
@@ -426,8 +433,11 @@ def offload_layers_for_budget(args, budget_bytes: int, context: int, dtype_bytes
 
 def build_executor(loaded, mode: str, hot_device="cuda", predictors: list | None = None,
                    placement: dict | None = None, offload_layers: int | None = None, hot_dtype=None,
-                   strategy: str = "predictor", layer_params: list[dict] | None = None):
-    """A copy of `loaded` (a `LoadedModel`) whose model runs under `mode` (its model is consumed)."""
+                   strategy: str = "predictor", layer_params: list[dict] | None = None, cold_dtype=None):
+    """A copy of `loaded` (a `LoadedModel`) whose model runs under `mode` (its model is consumed).
+
+    cold_dtype: of the FFN rows in CPU memory; None: bfloat16 when the hot device is a GPU (its weights are
+    16-bit already; half the bytes for the CPU to stream), else float32."""
     import dataclasses
 
     if mode == "dense":
@@ -436,8 +446,12 @@ def build_executor(loaded, mode: str, hot_device="cuda", predictors: list | None
         return dataclasses.replace(loaded, model=loaded.model.to(device, dtype), device=device, dtype=dtype)
     hot_device = torch.device(hot_device)
     hot_dtype = hot_dtype or (torch.float16 if hot_device.type == "cuda" else torch.float32)
+    if cold_dtype is None:
+        cold_dtype = torch.bfloat16 if hot_device.type == "cuda" else torch.float32
+    if cold_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"CPU FFN rows must be float32 or bfloat16, got {cold_dtype}")
     plan = plan_for_mode(mode, loaded.args, hot_device, hot_dtype, placement, offload_layers, strategy,
-                         layer_params)
+                         layer_params, cold_dtype)
     if mode != "offload" and strategy == "predictor" and predictors is None:
         raise ValueError(f"{mode} mode needs predictors (build an artifact with `powerinfer build`)")
     model = HybridTransformer(loaded.model, plan, predictors if strategy == "predictor" else None)
