@@ -109,7 +109,8 @@ def test_cuda_modes_match_dense(relu_model, mode):
     want = _logits(load_model(relu_model), ids)
     loaded = load_model(relu_model)
     placement = _placement(3, [100, 50, 203])
-    run = build_executor(loaded, mode, "cuda", _oracles(loaded), placement, hot_dtype=torch.float32)
+    run = build_executor(loaded, mode, "cuda", _oracles(loaded), placement, hot_dtype=torch.float32,
+                         cold_dtype=torch.float32)
     torch.testing.assert_close(_logits(run, ids).cpu(), want, atol=1e-3, rtol=1e-3)
 
 
@@ -188,3 +189,15 @@ def test_bfloat16_cpu_rows_equal_dense_with_those_rows_rounded(relu_model, mode,
     run = build_executor(loaded, mode, "cpu", _oracles(dense), placement, cold_dtype=torch.bfloat16)
     assert all(ffn.cold is None or ffn.cold[0].dtype == torch.bfloat16 for ffn in run.model.ffns)
     torch.testing.assert_close(_logits(run, ids), want, atol=2e-5, rtol=1e-5)
+
+
+def test_offload_with_bfloat16_cpu_rows_equals_dense_with_them_rounded(relu_model):
+    """offload's CPU layers are dense: their bfloat16 FFN rows go through the GEMV and the all-rows AXPY."""
+    ids = torch.randint(0, 256, (15,)).tolist()
+    dense = load_model(relu_model)
+    with torch.no_grad():
+        for block in dense.model.layers[1:]:
+            for w in (block.mlp.gate_up_proj.weight, block.mlp.down_proj.weight):
+                w.copy_(w.to(torch.bfloat16).float())
+    run = build_executor(load_model(relu_model), "offload", "cpu", offload_layers=1, cold_dtype=torch.bfloat16)
+    torch.testing.assert_close(_logits(run, ids), _logits(dense, ids), atol=2e-5, rtol=1e-5)
