@@ -112,6 +112,17 @@ def _weight_impl(row, i):
     return lambda row, i: _bfloat16_to_float32(row[i])
 
 
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _gated_dot(x_t, gate_row, up_row, code):
+    """act(x_t . gate_row) * (x_t . up_row): one token, one neuron, both rows streamed once."""
+    gate = np.float32(0.0)
+    up = np.float32(0.0)
+    for i in range(x_t.shape[0]):
+        gate += x_t[i] * _weight(gate_row, i)
+        up += x_t[i] * _weight(up_row, i)
+    return _gated(gate, up, code)
+
+
 @njit(**_JIT)
 def _gate_up_kernel(x, w_gate, w_up, idx, code, n_tasks, out):
     n_tokens, d = x.shape
@@ -121,13 +132,7 @@ def _gate_up_kernel(x, w_gate, w_up, idx, code, n_tasks, out):
             gate_row = w_gate[idx[j]]
             up_row = w_up[idx[j]]
             for t in range(n_tokens):
-                x_t = x[t]
-                gate = np.float32(0.0)
-                up = np.float32(0.0)
-                for i in range(d):
-                    gate += x_t[i] * _weight(gate_row, i)
-                    up += x_t[i] * _weight(up_row, i)
-                out[t, j] = _gated(gate, up, code)
+                out[t, j] = _gated_dot(x[t], gate_row, up_row, code)
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
@@ -331,13 +336,7 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
             gate_row, up_row = w_gate[j], w_up[j]
             nonzero = False
             for t in range(n_tokens):
-                x_t = x[t]
-                gate = np.float32(0.0)
-                up = np.float32(0.0)
-                for i in range(d):
-                    gate += x_t[i] * _weight(gate_row, i)
-                    up += x_t[i] * _weight(up_row, i)
-                value = _gated(gate, up, code)
+                value = _gated_dot(x[t], gate_row, up_row, code)
                 h[t, m] = value
                 nonzero = nonzero or value != 0
             if nonzero:

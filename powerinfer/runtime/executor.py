@@ -200,9 +200,9 @@ class SplitFFN(nn.Module):
             mask_host = self.predict(x_host)[self.n_hot:]
         return self._cold_forward(x_host, mask_host)
 
-    def stage(self, y_cold: torch.Tensor | None, shape) -> torch.Tensor:
-        """The cold output in this layer's pinned buffer (zeros when there is none), ready to copy over."""
-        staged = self._pinned_buffer("y", shape, torch.float32)
+    @staticmethod
+    def stage(y_cold: torch.Tensor | None, staged: torch.Tensor) -> torch.Tensor:
+        """The cold output written into the pinned buffer `staged` (zeros when there is none)."""
         if y_cold is None:
             staged.zero_()
         else:
@@ -248,7 +248,7 @@ class SplitFFN(nn.Module):
             return y + y_cold.to(y.dtype)
         t = self.timer
         with _cpu_time(t):
-            staged = self.stage(y_cold, y_cold.shape)
+            staged = self.stage(y_cold, self._pinned_buffer("y", y_cold.shape, torch.float32))
         if t is not None:
             t.mark("idle")  # the stream waited for the CPU's part
         y_cold = staged.to(y.device, non_blocking=True)

@@ -11,7 +11,8 @@ token's 70 ms, scripts/profile_hybrid.py). So the step is cut where the CPU work
 The host replays A, records an event, replays B (the GPU runs it while the CPU works), waits for the
 event, computes the cold FFN into the layer's pinned output buffer and moves on to the next layer's A,
 whose first copy reads that buffer. A last graph adds the last layer's outputs and runs norm and lm_head.
-Each layer has its own pinned buffers, so no buffer is rewritten before the GPU has read it.
+Each layer has its own pinned buffers, so no buffer is rewritten before the GPU has read it; the graphs
+keep the buffers they were captured with (the views in `layers`), whatever the eager path allocates later.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import contextlib
 
 import torch
 
-from powerinfer.runtime.executor import CPU, HybridTransformer
+from powerinfer.runtime.executor import HybridTransformer
 
 
 def supports_segments(model) -> bool:
@@ -55,7 +56,8 @@ class DecodeSegments:
             graph_b, y_hot = None, None
             if ffn.hot is not None:
                 graph_b, y_hot = self._capture(ffn.hot_forward, flat, active)
-            staged = ffn.stage(None, flat.shape) if host_in is not None else None
+            # owned here: a longer prompt may make the layer reallocate its own buffers after capture
+            staged = torch.zeros(flat.shape, dtype=torch.float32, pin_memory=True) if host_in is not None else None
             self.layers.append((graph_a, graph_b, ffn, host_in, staged))
             pending = (y_hot, staged)
         self.final, self.out = self._capture(self._final_part, x, pending)
@@ -117,7 +119,7 @@ class DecodeSegments:
                     t.mark("gpu")
             self._done.synchronize()
             with t.cpu() if t is not None else contextlib.nullcontext():
-                ffn.stage(ffn.cold_part(*host_in), staged.shape)
+                ffn.stage(ffn.cold_part(*host_in), staged)
             if t is not None:
                 t.mark("idle")  # the stream waited for the CPU's part
         self.final.replay()
