@@ -192,7 +192,8 @@ def test_bfloat16_cpu_rows_equal_dense_with_those_rows_rounded(relu_model, mode,
 
 
 def test_offload_with_bfloat16_cpu_rows_equals_dense_with_them_rounded(relu_model):
-    """offload's CPU layers are dense: their bfloat16 FFN rows go through the GEMV and the all-rows AXPY."""
+    """offload's CPU layers are dense: their bfloat16 FFN rows go through the GEMV and the all-rows AXPY
+    (prefill: a widened copy). (Their attention matrices turn bfloat16 only off the hot device: CUDA test.)"""
     ids = torch.randint(0, 256, (15,)).tolist()
     dense = load_model(relu_model)
     with torch.no_grad():
@@ -201,3 +202,21 @@ def test_offload_with_bfloat16_cpu_rows_equals_dense_with_them_rounded(relu_mode
                 w.copy_(w.to(torch.bfloat16).float())
     run = build_executor(load_model(relu_model), "offload", "cpu", offload_layers=1, cold_dtype=torch.bfloat16)
     torch.testing.assert_close(_logits(run, ids), _logits(dense, ids), atol=2e-5, rtol=1e-5)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_offload_with_bfloat16_cpu_layers_equals_dense_with_them_rounded(relu_model):
+    """offload on a GPU: the CPU layers' attention and FFN matrices are bfloat16 (half the bytes, as llama.cpp's
+    float16 CPU layers), computed in float32: the dense model with those matrices rounded."""
+    ids = torch.randint(0, 256, (15,)).tolist()
+    dense = load_model(relu_model)
+    with torch.no_grad():
+        for block in dense.model.layers[1:]:
+            for w in (block.mlp.gate_up_proj.weight, block.mlp.down_proj.weight, block.self_attn.qkv_proj.weight,
+                      block.self_attn.o_proj.weight):
+                w.copy_(w.to(torch.bfloat16).float())
+    run = build_executor(load_model(relu_model), "offload", "cuda", offload_layers=1, hot_dtype=torch.float32,
+                         cold_dtype=torch.bfloat16)
+    assert run.model.attention_layers[1].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(_logits(run, ids).cpu(), _logits(dense, ids), atol=1e-3, rtol=1e-3)

@@ -23,6 +23,8 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """F.linear; bfloat16 weights with float32 inputs are widened to float32 (as the kernel does)."""
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     return F.linear(x, weight, bias)
 
 

@@ -55,7 +55,8 @@ class ExecutionPlan:
     layers: list[LayerPlan]
     embed_device: torch.device
     head_device: torch.device
-    # the CPU's FFN rows: float32, or bfloat16 (half the bytes to stream; the numba kernels widen each element)
+    # weight matrices in CPU memory (cold FFN rows; attention kept off the hot device): float32, or bfloat16
+    # (half the bytes to stream; the numba kernels widen each element)
     cold_dtype: torch.dtype = torch.float32
 
     def device_dtype(self, device: torch.device) -> torch.dtype:
@@ -334,6 +335,9 @@ class HybridTransformer(nn.Module):
             dtype = plan.device_dtype(layer.attention_device)
             for name in ("input_layernorm", "self_attn", "post_attention_layernorm"):
                 getattr(block, name).to(layer.attention_device, dtype)
+            if layer.attention_device != plan.hot_device:  # kept in CPU memory: the CPU weight dtype, like FFN rows
+                for linear in (block.self_attn.qkv_proj, block.self_attn.o_proj):
+                    linear.weight.data = linear.weight.data.to(plan.cold_dtype)
             mlp = block.mlp
             self.ffns.append(SplitFFN(mlp.gate_up_proj.weight.detach(), mlp.down_proj.weight.detach(),
                                       mlp.activation, layer, plan,
