@@ -18,8 +18,9 @@ def add_placement_arguments(p, defaults: bool) -> None:
                    help="context length the KV cache is sized for (default: 2048, or the artifact's)")
     p.add_argument("--gpu-dtype", choices=["float16", "bfloat16", "float32"], default="float16" if defaults else None,
                    help="dtype of GPU weights (default: float16)")
-    p.add_argument("--cpu-dtype", choices=["float32", "float16", "bfloat16"], default="float32" if defaults else None,
-                   help="dtype of CPU weights, for the bytes-per-token objective (default: float32)")
+    p.add_argument("--cpu-dtype", choices=["float32", "bfloat16"], default="bfloat16" if defaults else None,
+                   help="dtype of CPU weights, for the bytes-per-token objective (default: bfloat16, what the "
+                        "hybrid runtime keeps in CPU memory by default)")
     p.add_argument("--neuron-batch", type=positive_int, default=64 if defaults else None,
                    help="placement granularity in hot-first neurons (default: 64)")
     p.add_argument("--min-layer-fraction", type=probability, default=0.125 if defaults else None,
@@ -68,7 +69,7 @@ def run(args) -> int:
                       n_always_active=args.keep_massive,
                       predictor_parameters=[_predictor_parameters(profile.config, r) for r in ranks])
         settings = {"ctx": args.ctx or 2048, "gpu_dtype": args.gpu_dtype or "float16",
-                    "cpu_dtype": args.cpu_dtype or "float32", "neuron_batch": args.neuron_batch or 64,
+                    "cpu_dtype": args.cpu_dtype or "bfloat16", "neuron_batch": args.neuron_batch or 64,
                     "min_layer_fraction": args.min_layer_fraction or 0.125}
         placement = plan_placement(inputs["config"], inputs["frequencies"],
                                    vram_budget_bytes=int(args.vram_budget * GiB), strategy=strategy,

@@ -51,7 +51,7 @@ class BuildOptions:
     sparsity_levels: tuple = DEFAULT_SPARSITY_LEVELS
     ctx: int = 2048
     gpu_dtype: str = "float16"
-    cpu_dtype: str = "float32"
+    cpu_dtype: str = "bfloat16"  # of the CPU-resident weights in the placement's objective (the runtime default)
     weights_dtype: str = "float16"
     neuron_batch: int = 64
     min_layer_fraction: float = 0.125
@@ -180,7 +180,7 @@ def _layer_record(n_ff, layer, report, predictor, h_threshold, n_always_active) 
 
 
 def build_in_memory(loaded, tokens: torch.Tensor, *, recall: float = 0.95, keep_massive: int = 4,
-                    window: int = 512, ctx: int = 2048, gpu_dtype: str = "float16", cpu_dtype: str = "float32",
+                    window: int = 512, ctx: int = 2048, gpu_dtype: str = "float16", cpu_dtype: str = "bfloat16",
                     weights_dtype: torch.dtype = torch.float16, neuron_batch: int = 64,
                     min_layer_fraction: float = 0.125, seed: int = 0, progress: bool = False,
                     log=None):

@@ -114,7 +114,7 @@ def check_vram_budget(vram_budget_bytes: float, required: dict, ctx: int) -> Non
 
 def plan_placement(config: dict, frequencies: list[torch.Tensor], *, vram_budget_bytes: int, strategy: str,
                    n_always_active: int = 0, predictor_parameters: list[int] | None = None, ctx: int = 2048,
-                   gpu_dtype: str = "float16", cpu_dtype: str = "float32", neuron_batch: int = 64,
+                   gpu_dtype: str = "float16", cpu_dtype: str = "bfloat16", neuron_batch: int = 64,
                    min_layer_fraction: float = 0.125, prefill_chunk: int = 512,
                    time_limit_s: float = 60.0) -> dict:
     """The placement for one VRAM budget; `frequencies[i]` is layer i's activation frequency in hot-first
