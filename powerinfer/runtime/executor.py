@@ -447,8 +447,9 @@ def build_executor(loaded, mode: str, hot_device="cuda", predictors: list | None
                    strategy: str = "predictor", layer_params: list[dict] | None = None, cold_dtype=None):
     """A copy of `loaded` (a `LoadedModel`) whose model runs under `mode` (its model is consumed).
 
-    cold_dtype: of the FFN rows in CPU memory; None: bfloat16 when the hot device is a GPU (its weights are
-    16-bit already; half the bytes for the CPU to stream), else float32."""
+    cold_dtype: of the weight matrices in CPU memory; None: bfloat16 when a GPU holds the rest (the hot device is
+    a GPU and the mode is not `cpu`: 16-bit weights already, half the bytes for the CPU to stream), else
+    float32."""
     import dataclasses
 
     if mode == "dense":
@@ -458,7 +459,7 @@ def build_executor(loaded, mode: str, hot_device="cuda", predictors: list | None
     hot_device = torch.device(hot_device)
     hot_dtype = hot_dtype or (torch.float16 if hot_device.type == "cuda" else torch.float32)
     if cold_dtype is None:
-        cold_dtype = torch.bfloat16 if hot_device.type == "cuda" else torch.float32
+        cold_dtype = torch.bfloat16 if hot_device.type == "cuda" and mode != "cpu" else torch.float32
     if cold_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"CPU FFN rows must be float32 or bfloat16, got {cold_dtype}")
     plan = plan_for_mode(mode, loaded.args, hot_device, hot_dtype, placement, offload_layers, strategy,
