@@ -26,7 +26,7 @@ def _relu_model(tmp_path, activation):
     return write_hf_model(tmp_path / activation, args.to_config(), to_hf_weights(model.state_dict(), args))
 
 def _oracles(loaded):
-    return [OraclePredictor(b.mlp.gate_up_proj.weight.detach().clone(), b.mlp.activation)
+    return [OraclePredictor(b.mlp.gate_up_proj.weight.detach().clone(), b.mlp.activation, b.mlp.threshold)
             for b in loaded.model.layers]
 
 def _placement(n_layers, n_hot):
@@ -220,3 +220,22 @@ def test_cuda_offload_with_bfloat16_cpu_layers_equals_dense_with_them_rounded(re
                          cold_dtype=torch.bfloat16)
     assert run.model.attention_layers[1].self_attn.qkv_proj.weight.dtype == torch.bfloat16
     torch.testing.assert_close(_logits(run, ids).cpu(), _logits(dense, ids), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode,n_hot", [("cpu", None), ("hybrid", [101, 7, 1])])
+def test_fatrelu_threshold_runs_the_same_in_the_sparse_modes(relu_model, mode, n_hot):
+    """A model with a FATReLU gate threshold (config relu_threshold): the sparse executor with an oracle active
+    set equals the dense engine, and the threshold changes the output (it is applied, not ignored)."""
+    from powerinfer.offline.relufy import set_ffn_activation
+
+    ids = torch.randint(0, 256, (16,)).tolist()
+    plain = _logits(load_model(relu_model), ids)
+    dense = load_model(relu_model)
+    set_ffn_activation(dense.model, dense.args.hidden_act, 0.5)
+    want = _logits(dense, ids)
+    assert (want - plain).abs().max() > 1e-3
+    loaded = load_model(relu_model)
+    set_ffn_activation(loaded.model, loaded.args.hidden_act, 0.5)
+    placement = _placement(3, n_hot) if n_hot else None
+    run = build_executor(loaded, mode, "cpu", _oracles(loaded), placement)
+    torch.testing.assert_close(_logits(run, ids), want, atol=2e-5, rtol=1e-5)

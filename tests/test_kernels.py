@@ -124,6 +124,36 @@ def test_cpu_masked_ffn_matches_reference(activation, n_tokens, set_name, weight
     torch.testing.assert_close(y, want, **F32_TOL)
 
 
+@needs_numba
+@pytest.mark.usefixtures("cpu_path")
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_tokens", [1, 3])
+@pytest.mark.parametrize("activation", ["relu", "drelu"])
+def test_cpu_kernels_apply_a_fatrelu_threshold(activation, n_tokens, weight_dtype):
+    """FATReLU: gate values at or below the threshold count as zero, in both CPU kernels as in the reference;
+    the reference itself against the formula, and the threshold must change the result."""
+    x, (w_gate, w_up, w_down_t) = make_ffn(D, N_FF, n_tokens, seed=5, dtype=weight_dtype)
+    idx = torch.arange(N_FF)  # in order: the formula below computes every neuron
+    threshold = 0.05
+    want = sparse_gate_up_reference(x, w_gate, w_up, idx, activation, threshold=threshold)
+    gate, up = x @ w_gate.float().T, x @ w_up.float().T
+    by_formula = gate * (gate > threshold) * (up if activation == "relu" else up.clamp_min(0))
+    torch.testing.assert_close(want, by_formula, **F32_TOL)
+    assert (want == 0).sum() > (sparse_gate_up_reference(x, w_gate, w_up, idx, activation) == 0).sum()
+    h = sparse_gate_up(x, w_gate, w_up, idx, activation, threshold=threshold, use_kernel=True)
+    torch.testing.assert_close(h, want, **F32_TOL)
+    mask = torch.rand(N_FF, generator=torch.Generator().manual_seed(4)) < 0.5
+    y, _ = masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, threshold=threshold, use_kernel=True)
+    torch.testing.assert_close(y, masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold)[0],
+                               **F32_TOL)
+
+
+def test_a_gate_threshold_needs_a_relu_family_activation():
+    x, (w_gate, w_up, _) = make_ffn(D, N_FF, 1, seed=1)
+    with pytest.raises(ValueError, match="relu or drelu"):
+        sparse_gate_up(x, w_gate, w_up, torch.arange(4), "silu", threshold=0.1)
+
+
 def test_masked_ffn_rejects_a_bad_mask():
     x, (w_gate, w_up, w_down_t) = make_ffn(D, N_FF, 1, seed=0)
     for mask in (torch.zeros(N_FF), torch.zeros(N_FF + 1, dtype=torch.bool)):
@@ -294,6 +324,19 @@ def check_gpu_ffn(x, w_gate, w_up, w_down_t, idx, activation, h, y, count=None):
     assert rel_error(h[:, :active], h_ref) < tol
     assert torch.all(h[:, active:] == 0)
     assert rel_error(y, sparse_down_reference(h[:, :active].float(), w_down_t.float(), ids)) < tol
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("n_tokens", [1, 5])
+@pytest.mark.parametrize("activation", ["relu", "drelu"])
+def test_triton_gate_up_applies_a_fatrelu_threshold(activation, n_tokens):
+    x, (w_gate, w_up, _) = gpu_ffn(D, N_FF, n_tokens, torch.float32, seed=3)
+    idx = torch.arange(N_FF, device="cuda")
+    h = sparse_gate_up(x, w_gate, w_up, idx, activation, threshold=0.05, use_kernel=True)
+    want = sparse_gate_up_reference(x, w_gate, w_up, idx, activation, threshold=0.05)
+    assert rel_error(h, want) < 1e-3
+    assert (h == 0).sum() > (sparse_gate_up(x, w_gate, w_up, idx, activation, use_kernel=True) == 0).sum()
 
 
 @pytest.mark.cuda

@@ -268,3 +268,32 @@ def test_relufy_on_cuda(tmp_path, silu_model, data_file):
                     train_options=dict(TRAIN, l1=1e-2), config=RelufyConfig(prompt_len=8), device="cuda",
                     show_progress=False)
     assert recipe["steps"] == 6 and load_model(tmp_path / "out").args.hidden_act == "drelu"
+
+
+def test_relufy_with_a_fatrelu_threshold_writes_it_and_sparsifies_more(tmp_path, silu_model, data_file):
+    """--threshold: the student trains with FATReLU and the written config carries relu_threshold, which the
+    loaded model applies (more exact zeros than the same weights with plain ReLU)."""
+    out = tmp_path / "fat"
+    assert main(["relufy", "-m", str(silu_model), "--data", str(data_file), "--threshold", "0.05",
+                 "--tokens", "256", "--batch-size", "2", "--seq-len", "64", "-o", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["relu_threshold"] == 0.05
+    loaded = load_model(out)
+    assert loaded.args.relu_threshold == 0.05 and loaded.model.layers[0].mlp.threshold == 0.05
+    ids = torch.randint(0, loaded.args.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    gate, up = loaded.model.layers[0].mlp.gate_up_proj(torch.randn(32, loaded.args.hidden_size)).chunk(2, dim=-1)
+    from powerinfer.models.llama import ffn_activation
+    assert (ffn_activation(gate, up, "relu", 0.05) == 0).sum() > (ffn_activation(gate, up, "relu") == 0).sum()
+    with torch.inference_mode():
+        assert torch.isfinite(loaded.model(ids, torch.arange(32))).all()
+
+
+def test_relu_threshold_config_round_trip_and_errors():
+    from powerinfer.errors import UnsupportedModelError
+    from powerinfer.models.llama import ModelArgs
+
+    config = ModelArgs(hidden_act="relu", relu_threshold=0.1).to_config()
+    assert config["relu_threshold"] == 0.1 and ModelArgs.from_config(config).relu_threshold == 0.1
+    assert "relu_threshold" not in ModelArgs(hidden_act="relu").to_config()  # plain configs stay transformers'
+    for bad in (dict(hidden_act="silu", relu_threshold=0.1), dict(hidden_act="relu", relu_threshold=-1.0)):
+        with pytest.raises(UnsupportedModelError, match="relu_threshold"):
+            ModelArgs(**bad)

@@ -35,6 +35,9 @@ def add_arguments(p) -> None:
                    help="share of each batch that is teacher samples when --data is given (default 0.25)")
     p.add_argument("--l1", type=non_negative_float, default=0.0,
                    help="final coefficient of the L1 penalty on activations (ProSparse; default 0: off)")
+    p.add_argument("--threshold", type=non_negative_float, default=0.0,
+                   help="FATReLU (ProSparse): the gate counts only above this value, in training and in the "
+                        "written model (config key relu_threshold; default 0: plain ReLU)")
     p.add_argument("--l1-ramp", type=_fraction, default=0.5,
                    help="share of training over which the L1 coefficient ramps up from 0 (default 0.5)")
     p.add_argument("--lr", type=non_negative_float, default=2e-4, help="peak learning rate (default 2e-4)")
@@ -95,7 +98,8 @@ def run(args) -> int:
         seed=args.seed)
     recipe = relufy(args.model, args.output, args.activation, data_file=args.data, tokens=args.tokens,
                     minutes=args.minutes, train_options=train_options,
-                    config=RelufyConfig(sample_share=args.sample_share), eval_file=args.eval_data,
+                    config=RelufyConfig(sample_share=args.sample_share, threshold=args.threshold),
+                    eval_file=args.eval_data,
                     eval_tokens=args.eval_tokens or 32768, resume=args.resume, device=args.device)
     summary = (f"wrote {args.output}: {recipe['activation']} model, {recipe['steps']} steps, "
                f"{recipe['tokens_trained']:,} tokens in {recipe['minutes_trained']:.1f} min, "

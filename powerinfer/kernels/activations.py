@@ -1,7 +1,9 @@
 """Gated FFN activations shared by the reference and the fast kernels.
 
 A LLaMA-style FFN computes h = act(x @ Wg^T) * (x @ Wu^T); ``drelu`` (ReLU on both
-branches, as in the ReLU-fied models PowerInfer targets) is relu(gate) * relu(up).
+branches, as in the ReLU-fied models PowerInfer targets) is relu(gate) * relu(up). A gate
+threshold t > 0 turns relu/drelu's gate into FATReLU's (ProSparse, arXiv 2402.13516):
+gate * [gate > t].
 The fast kernels fuse the activation, so they receive it as a small integer code;
 the order of ``ACTIVATIONS`` defines those codes.
 """
@@ -28,7 +30,12 @@ _GATED_ACTIVATIONS = {
 }
 
 
-def gated_activation(gate: torch.Tensor, up: torch.Tensor, name: str) -> torch.Tensor:
-    """Plain-PyTorch act(gate) * up (relu(gate) * relu(up) for ``drelu``)."""
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, name: str, threshold: float = 0.0) -> torch.Tensor:
+    """Plain-PyTorch act(gate) * up (relu(gate) * relu(up) for ``drelu``). With `threshold` > 0 (relu/drelu
+    only) the gate is FATReLU's: gate where gate > threshold, else 0."""
     activation_code(name)  # raises with the list of valid names
+    if threshold:
+        if name not in ("relu", "drelu"):
+            raise ValueError(f"a gate threshold needs relu or drelu, not {name!r}")
+        gate = torch.where(gate > threshold, gate, torch.zeros((), dtype=gate.dtype, device=gate.device))
     return _GATED_ACTIVATIONS[name](gate, up)

@@ -73,14 +73,15 @@ def set_num_threads(n: int) -> None:
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _gated(gate, up, code):
-    # Codes follow activations.ACTIVATIONS: silu, relu, drelu, gelu_tanh.
+def _gated(gate, up, code, threshold):
+    # Codes follow activations.ACTIVATIONS: silu, relu, drelu, gelu_tanh; `threshold`: relu/drelu's gate
+    # threshold (FATReLU; 0 is plain ReLU).
     if code == 0:
         return gate / (np.float32(1.0) + math.exp(-gate)) * up
     if code == 1:
-        return max(gate, np.float32(0.0)) * up
+        return (gate if gate > threshold else np.float32(0.0)) * up
     if code == 2:
-        return max(gate, np.float32(0.0)) * max(up, np.float32(0.0))
+        return (gate if gate > threshold else np.float32(0.0)) * max(up, np.float32(0.0))
     inner = np.float32(0.7978845608028654) * (gate + np.float32(0.044715) * gate * gate * gate)
     return np.float32(0.5) * gate * (np.float32(1.0) + math.tanh(inner)) * up
 
@@ -113,18 +114,18 @@ def _weight_impl(row, i):
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _gated_dot(x_t, gate_row, up_row, code):
+def _gated_dot(x_t, gate_row, up_row, code, threshold):
     """act(x_t . gate_row) * (x_t . up_row): one token, one neuron, both rows streamed once."""
     gate = np.float32(0.0)
     up = np.float32(0.0)
     for i in range(x_t.shape[0]):
         gate += x_t[i] * _weight(gate_row, i)
         up += x_t[i] * _weight(up_row, i)
-    return _gated(gate, up, code)
+    return _gated(gate, up, code, threshold)
 
 
 @njit(**_JIT)
-def _gate_up_kernel(x, w_gate, w_up, idx, code, n_tasks, out):
+def _gate_up_kernel(x, w_gate, w_up, idx, code, threshold, n_tasks, out):
     n_tokens, d = x.shape
     k = idx.shape[0]
     for task in prange(n_tasks):
@@ -132,7 +133,7 @@ def _gate_up_kernel(x, w_gate, w_up, idx, code, n_tasks, out):
             gate_row = w_gate[idx[j]]
             up_row = w_up[idx[j]]
             for t in range(n_tokens):
-                out[t, j] = _gated_dot(x[t], gate_row, up_row, code)
+                out[t, j] = _gated_dot(x[t], gate_row, up_row, code, threshold)
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
@@ -247,18 +248,19 @@ def sparse_gate_up(
     idx: torch.Tensor,
     activation: str,
     *,
+    threshold: float = 0.0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h[T, k] = act(x @ w_gate[idx]^T) * (x @ w_up[idx]^T); float32 or bfloat16 weights."""
-    code = activation_code(activation)
+    code, threshold = activation_code(activation), np.float32(threshold)
     idx_np = _index_array(idx, w_gate.shape[0])
     out = _output(out, (x.shape[0], idx_np.shape[0]))
     w_gate, w_up = _weight_array(w_gate), _weight_array(w_up)
     if _serial(2 * idx_np.shape[0] * w_gate.shape[1] * w_gate.itemsize):
-        _gate_up_kernel_serial(_float32_array(x), w_gate, w_up, idx_np, code, 1, out.numpy())
+        _gate_up_kernel_serial(_float32_array(x), w_gate, w_up, idx_np, code, threshold, 1, out.numpy())
         return out
     n_tasks = max(1, min(idx_np.shape[0], _TASKS_PER_THREAD * numba.get_num_threads()))
-    _gate_up_kernel(_float32_array(x), w_gate, w_up, idx_np, code, n_tasks, out.numpy())
+    _gate_up_kernel(_float32_array(x), w_gate, w_up, idx_np, code, threshold, n_tasks, out.numpy())
     return out
 
 
@@ -315,7 +317,7 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = N
 
 
 @njit(**_JIT)
-def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
+def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, n_tasks, out):
     n_tokens, d = x.shape
     n = mask.shape[0]
     partial = np.zeros((n_tasks, n_tokens, d), np.float32)
@@ -336,7 +338,7 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
             gate_row, up_row = w_gate[j], w_up[j]
             nonzero = False
             for t in range(n_tokens):
-                value = _gated_dot(x[t], gate_row, up_row, code)
+                value = _gated_dot(x[t], gate_row, up_row, code, threshold)
                 h[t, m] = value
                 nonzero = nonzero or value != 0
             if nonzero:
@@ -352,8 +354,8 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, n_tasks, out):
 _masked_ffn_kernel_serial = _serial_variant(_masked_ffn_kernel)
 
 
-def masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, *, out: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, int]:
+def masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, *, threshold: float = 0.0,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(y[T, d], k): the FFN over the k neurons whose `mask` entry is set, one pass over their rows
     (float32 or bfloat16 weights)."""
     w_gate, w_up, w_down_t = _weight_array(w_gate), _weight_array(w_up), _weight_array(w_down_t)
@@ -361,12 +363,12 @@ def masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, *, out: torch.Tensor
     n_tokens, d = x.shape[0], w_down_t.shape[1]
     out = _output(out, (n_tokens, d))
     k = int(mask_np.sum())
-    code = activation_code(activation)
+    code, threshold = activation_code(activation), np.float32(threshold)
     if _serial(3 * k * d * w_down_t.itemsize):
-        return out, int(_masked_ffn_kernel_serial(_float32_array(x), w_gate, w_up, w_down_t, mask_np, code, 1,
-                                                    out.numpy()))
+        return out, int(_masked_ffn_kernel_serial(_float32_array(x), w_gate, w_up, w_down_t, mask_np, code,
+                                                    threshold, 1, out.numpy()))
     threads = numba.get_num_threads()
     affordable = _PARTIAL_BYTES_BUDGET // max(1, 4 * n_tokens * d)
     n_tasks = max(1, min(mask_np.shape[0], _TASKS_PER_THREAD * threads, max(threads, affordable)))
-    return out, int(_masked_ffn_kernel(_float32_array(x), w_gate, w_up, w_down_t, mask_np, code, n_tasks,
-                                       out.numpy()))
+    return out, int(_masked_ffn_kernel(_float32_array(x), w_gate, w_up, w_down_t, mask_np, code, threshold,
+                                       n_tasks, out.numpy()))

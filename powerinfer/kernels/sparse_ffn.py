@@ -119,6 +119,11 @@ def _count_value(count: torch.Tensor | int, capacity: int) -> int:
     return max(0, min(int(count), capacity))
 
 
+def _check_threshold(activation: str, threshold: float) -> None:
+    if threshold and (activation not in ("relu", "drelu") or threshold < 0):
+        raise ValueError(f"a gate threshold must be >= 0 and needs relu or drelu (got {threshold} with {activation!r})")
+
+
 def sparse_gate_up_reference(
     x: torch.Tensor,
     w_gate: torch.Tensor,
@@ -126,17 +131,19 @@ def sparse_gate_up_reference(
     idx: torch.Tensor,
     activation: str,
     *,
+    threshold: float = 0.0,
     count: torch.Tensor | int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """h[T, k] = act(x @ w_gate[idx]^T) * (x @ w_up[idx]^T), computed in x's dtype."""
+    """h[T, k] = act(x @ w_gate[idx]^T) * (x @ w_up[idx]^T), computed in x's dtype (`threshold`: FATReLU's
+    gate threshold for relu/drelu)."""
     activation_code(activation)
     capacity = idx.shape[0]
     active = capacity if count is None else _count_value(count, capacity)
     rows = idx[:active].to(device=w_gate.device, dtype=torch.long)
     gate = x @ w_gate.index_select(0, rows).to(x.dtype).T
     up = x @ w_up.index_select(0, rows).to(x.dtype).T
-    h = gated_activation(gate, up, activation)
+    h = gated_activation(gate, up, activation, threshold)
     if active < capacity:
         h = torch.cat([h, h.new_zeros(x.shape[0], capacity - active)], dim=1)
     if out is None:
@@ -168,25 +175,27 @@ def sparse_gate_up(
     idx: torch.Tensor,
     activation: str,
     *,
+    threshold: float = 0.0,
     count: torch.Tensor | int | None = None,
     out: torch.Tensor | None = None,
     use_kernel: bool | None = None,
 ) -> torch.Tensor:
-    """Fused act(x @ w_gate[idx]^T) * (x @ w_up[idx]^T) -> [T, len(idx)].
+    """Fused act(x @ w_gate[idx]^T) * (x @ w_up[idx]^T) -> [T, len(idx)] (`threshold`: FATReLU's gate threshold).
 
     Each active row is read once and used for all T tokens. ``count`` selects the
     fixed-capacity form (module docstring); ``out`` is an optional preallocated result.
     """
     _check_operands(x, (w_gate, w_up), idx, w_gate.shape[1])
+    _check_threshold(activation, threshold)
     backend = select_backend(x, w_gate, w_up, use_kernel=use_kernel)
     if backend == "triton":
-        return _triton().sparse_gate_up(x, w_gate, w_up, idx, activation, count=count, out=out)
+        return _triton().sparse_gate_up(x, w_gate, w_up, idx, activation, threshold=threshold, count=count, out=out)
     if backend == "reference":
-        return sparse_gate_up_reference(x, w_gate, w_up, idx, activation, count=count, out=out)
+        return sparse_gate_up_reference(x, w_gate, w_up, idx, activation, threshold=threshold, count=count, out=out)
     if count is None:
-        return _cpu_kernels.sparse_gate_up(x, w_gate, w_up, idx, activation, out=out)
+        return _cpu_kernels.sparse_gate_up(x, w_gate, w_up, idx, activation, threshold=threshold, out=out)
     active = _count_value(count, idx.shape[0])
-    h = _cpu_kernels.sparse_gate_up(x, w_gate, w_up, idx[:active], activation)
+    h = _cpu_kernels.sparse_gate_up(x, w_gate, w_up, idx[:active], activation, threshold=threshold)
     out = h.new_empty(x.shape[0], idx.shape[0]) if out is None else out
     out[:, :active] = h
     out[:, active:] = 0
@@ -218,15 +227,17 @@ def sparse_down(
     return _cpu_kernels.sparse_down(h[:, :active], w_down_t, idx[:active], out=out)
 
 
-def masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation) -> tuple[torch.Tensor, int]:
+def masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold: float = 0.0
+                         ) -> tuple[torch.Tensor, int]:
     """(y, k): the FFN over the k neurons whose bool `mask` entry is set (the two operators composed)."""
     idx = mask.nonzero()[:, 0]
-    h = sparse_gate_up_reference(x, w_gate, w_up, idx, activation)
+    h = sparse_gate_up_reference(x, w_gate, w_up, idx, activation, threshold=threshold)
     return sparse_down_reference(h, w_down_t, idx), idx.numel()
 
 
 def masked_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-               mask: torch.Tensor, activation: str, *, use_kernel: bool | None = None) -> tuple[torch.Tensor, int]:
+               mask: torch.Tensor, activation: str, *, threshold: float = 0.0,
+               use_kernel: bool | None = None) -> tuple[torch.Tensor, int]:
     """(y[T, d], k): gate/up and down over the neurons set in `mask` ([n_ff] bool), k of them.
 
     On the CPU one numba pass scans the mask and streams each active neuron's three rows once (its down
@@ -236,9 +247,10 @@ def masked_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
     _check_operands(x, (w_gate, w_up, w_down_t), None, w_gate.shape[1])
     if mask.dtype != torch.bool or mask.shape != (w_gate.shape[0],):
         raise ValueError(f"mask must be a [{w_gate.shape[0]}] bool tensor")
+    _check_threshold(activation, threshold)
     if select_backend(x, w_gate, w_up, w_down_t, use_kernel=use_kernel) != "numba":
-        return masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation)
-    return _cpu_kernels.masked_ffn(x, w_gate, w_up, w_down_t, mask, activation)
+        return masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold)
+    return _cpu_kernels.masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, threshold=threshold)
 
 
 def compact_active_reference(mask: torch.Tensor, idx_out: torch.Tensor, count_out: torch.Tensor) -> None:

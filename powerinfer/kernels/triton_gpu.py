@@ -49,14 +49,15 @@ _COMPACT_CHUNK, _COMPACT_MAX_PREFIX_BLOCK, _COMPACT_WARPS = 256, 16384, 8
 
 
 @triton.jit
-def _gated(gate, up, ACTIVATION: tl.constexpr):
-    # Codes follow activations.ACTIVATIONS: silu, relu, drelu, gelu_tanh.
+def _gated(gate, up, threshold, ACTIVATION: tl.constexpr):
+    # Codes follow activations.ACTIVATIONS: silu, relu, drelu, gelu_tanh; `threshold`: relu/drelu's gate
+    # threshold (FATReLU; 0 is plain ReLU).
     if ACTIVATION == 0:
         h = gate * tl.sigmoid(gate) * up
     elif ACTIVATION == 1:
-        h = tl.maximum(gate, 0.0) * up
+        h = tl.where(gate > threshold, gate, 0.0) * up
     elif ACTIVATION == 2:
-        h = tl.maximum(gate, 0.0) * tl.maximum(up, 0.0)
+        h = tl.where(gate > threshold, gate, 0.0) * tl.maximum(up, 0.0)
     else:
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
         h = 0.5 * gate * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0)) * up  # tanh via sigmoid
@@ -76,7 +77,7 @@ def _active_slots(count_ptr, n_slots, HAS_COUNT: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_gate_ptr, w_up_ptr, idx_ptr, count_ptr, h_ptr,
-    n_tokens, d, n_slots, stride_x, stride_w, stride_h,
+    n_tokens, d, n_slots, stride_x, stride_w, stride_h, threshold,
     HAS_COUNT: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ZERO_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -118,7 +119,7 @@ def _gate_up_kernel(
                             mask=token_ok[:, None] & d_ok[None, :], other=0.0).to(w_gate.dtype)
                 gate = tl.dot(x, tl.trans(w_gate), gate, input_precision=DOT_PRECISION)
                 up = tl.dot(x, tl.trans(w_up), up, input_precision=DOT_PRECISION)
-        h = tl.where(active[None, :], _gated(gate, up, ACTIVATION), 0.0)
+        h = tl.where(active[None, :], _gated(gate, up, threshold, ACTIVATION), 0.0)
         tl.store(h_ptr + offs_t[:, None] * stride_h + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=token_ok[:, None] & (offs_n < n_slots)[None, :])
     if HAS_COUNT:
@@ -246,7 +247,7 @@ def _count_tensor(count, idx: torch.Tensor) -> torch.Tensor:
     return torch.tensor([count], dtype=torch.int32, device=idx.device)
 
 
-def sparse_gate_up(x, w_gate, w_up, idx, activation, *, count=None, out=None):
+def sparse_gate_up(x, w_gate, w_up, idx, activation, *, threshold=0.0, count=None, out=None):
     """h[T, len(idx)] for an id list, or an id buffer with a device ``count`` (graph-safe)."""
     _check_weights(w_gate, w_up)
     x = _row_major(x)
@@ -266,7 +267,7 @@ def sparse_gate_up(x, w_gate, w_up, idx, activation, *, count=None, out=None):
                           _PROGRAMS_PER_SM * _sm_count(x.device.index or 0) // token_blocks))
     _gate_up_kernel[(programs, token_blocks)](
         x, w_gate, w_up, idx, idx if count is None else _count_tensor(count, idx), out,
-        n_tokens, d, n_slots, x.stride(0), w_gate.stride(0), out.stride(0),
+        n_tokens, d, n_slots, x.stride(0), w_gate.stride(0), out.stride(0), float(threshold),
         HAS_COUNT=count is not None, ACTIVATION=activation_code(activation),
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, ZERO_BLOCK=_ZERO_BLOCK,
         DOT_PRECISION=_dot_precision(w_gate.dtype), num_warps=warps,

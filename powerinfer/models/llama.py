@@ -53,6 +53,9 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
+    # FATReLU (ProSparse, arXiv 2402.13516 §3.3): a relu/drelu gate counts only above this threshold,
+    # h = gate * [gate > t] * up. Not a transformers key: a model with t > 0 runs as intended only here.
+    relu_threshold: float = 0.0
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -64,6 +67,9 @@ class ModelArgs:
             raise UnsupportedModelError(
                 f"unsupported FFN activation {self.hidden_act!r} (supported: {', '.join(ACTIVATIONS)})")
         self.hidden_act = act
+        if self.relu_threshold and (act not in ("relu", "drelu") or self.relu_threshold < 0):
+            raise UnsupportedModelError(f"relu_threshold={self.relu_threshold} needs a relu/drelu FFN and a value "
+                                        f">= 0 (hidden_act is {act!r})")
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -89,6 +95,8 @@ class ModelArgs:
         """The Hugging Face `config.json` dict for this model (as `transformers` reads it)."""
         config = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         config["hidden_act"] = {"gelu_tanh": "gelu_pytorch_tanh"}.get(self.hidden_act, self.hidden_act)
+        if not self.relu_threshold:
+            del config["relu_threshold"]
         config["architectures"] = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                     "qwen2": "Qwen2ForCausalLM"}[self.model_type]]
         return {**self.extra, **config}
@@ -137,9 +145,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
-def ffn_activation(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
-    """h = act(gate) * up — the per-neuron value whose zeros PowerInfer skips."""
-    return gated_activation(gate, up, kind)
+def ffn_activation(gate: torch.Tensor, up: torch.Tensor, kind: str, threshold: float = 0.0) -> torch.Tensor:
+    """h = act(gate) * up — the per-neuron value whose zeros PowerInfer skips (`threshold`: FATReLU)."""
+    return gated_activation(gate, up, kind, threshold)
 
 
 class RMSNorm(nn.Module):
@@ -192,13 +200,13 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.activation = args.hidden_act
+        self.activation, self.threshold = args.hidden_act, args.relu_threshold
         self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(ffn_activation(gate, up, self.activation))
+        return self.down_proj(ffn_activation(gate, up, self.activation, self.threshold))
 
 
 class Block(nn.Module):

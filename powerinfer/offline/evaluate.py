@@ -56,7 +56,7 @@ class PredictedSparseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.ffn.gate_up_proj(x).chunk(2, dim=-1)
-        h = ffn_activation(gate, up, self.ffn.activation)
+        h = ffn_activation(gate, up, self.ffn.activation, self.ffn.threshold)
         predicted = None
         if self.predictor is not None:
             logits = self.predictor(x.to(self.predictor.fc1.weight.dtype))
@@ -174,7 +174,7 @@ def h_quantile_thresholds(model: nn.Module, inputs: list[torch.Tensor], levels: 
     for block, x in zip(model.layers, inputs):
         ffn = block.mlp
         gate, up = ffn.gate_up_proj(x.to(device=device, dtype=model_dtype(model))).chunk(2, dim=-1)
-        magnitude = ffn_activation(gate, up, ffn.activation).abs().float().reshape(-1)
+        magnitude = ffn_activation(gate, up, ffn.activation, ffn.threshold).abs().float().reshape(-1)
         out.append({str(level): magnitude.kthvalue(max(1, round(level * magnitude.numel()))).values.item()
                     for level in levels})
     return out

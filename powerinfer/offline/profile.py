@@ -159,7 +159,7 @@ class _ProfilingFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.ffn.gate_up_proj(x).chunk(2, dim=-1)
-        h = ffn_activation(gate, up, self.ffn.activation)
+        h = ffn_activation(gate, up, self.ffn.activation, self.ffn.threshold)
         magnitude = h.detach().float().abs().reshape(-1, h.shape[-1])
         if self.threshold is None:  # calibrate on the first window: target_sparsity of |h| at or below
             flat = magnitude.reshape(-1)

@@ -40,6 +40,7 @@ class RelufyConfig:
     prompt_len: int = 32            # data tokens that prompt each teacher sample
     block_rows: int | None = None   # samples generated at once (None: 512 on CUDA, 16 on the CPU)
     temperature: float = 1.0        # of the teacher's sampling
+    threshold: float = 0.0          # FATReLU gate threshold, in training and in the written model (0: ReLU)
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
@@ -50,10 +51,10 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def set_ffn_activation(model: torch.nn.Module, activation: str) -> None:
-    model.args.hidden_act = activation
+def set_ffn_activation(model: torch.nn.Module, activation: str, threshold: float = 0.0) -> None:
+    model.args.hidden_act, model.args.relu_threshold = activation, threshold
     for layer in model.layers:
-        layer.mlp.activation = activation
+        layer.mlp.activation, layer.mlp.threshold = activation, threshold
 
 
 class _SamplingCache:
@@ -205,6 +206,8 @@ def relufy(model_path: str | Path | None, out_dir: str | Path, activation: str =
     if activation not in RELU_ACTIVATIONS:
         raise PowerInferError(f"unknown activation {activation!r} "
                               f"(choose from {', '.join(RELU_ACTIVATIONS)})")
+    if config is not None and not config.threshold >= 0:
+        raise PowerInferError(f"--threshold must be >= 0, got {config.threshold}")
     if tokens is None and minutes is None:
         raise PowerInferError("give a training budget: --tokens N or --minutes T")
     if tokens is not None and tokens < 1:
@@ -235,7 +238,7 @@ def relufy(model_path: str | Path | None, out_dir: str | Path, activation: str =
     teacher.model.requires_grad_(False)
     student = load_model(model_path, device=str(device), dtype=torch.float32)
     original_activation = student.args.hidden_act
-    set_ffn_activation(student.model, activation)
+    set_ffn_activation(student.model, activation, config.threshold)
     tokenizer = teacher.tokenizer
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -275,7 +278,8 @@ def relufy(model_path: str | Path | None, out_dir: str | Path, activation: str =
     recipe = {
         "source": run_config["model"], "original_activation": original_activation, "activation": activation,
         "method": f"knowledge distillation, KL(teacher || student) at temperature 1, on {text}"
-                  + (", with a progressive L1 penalty on activations" if train_config.l1 else ""),
+                  + (", with a progressive L1 penalty on activations" if train_config.l1 else "")
+                  + (f", FATReLU gate threshold {config.threshold:g}" if config.threshold else ""),
         "data": str(data_file) if data_file is not None else None, "relufy": asdict(config),
         "train": asdict(train_config), "device": str(device),
         "steps": result.steps, "tokens_trained": result.tokens, "minutes_trained": result.elapsed_s / 60,

@@ -91,7 +91,8 @@ def random_windows(data: torch.Tensor, count: int, length: int, generator: torch
 
 
 def activation_l1(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean absolute output of the FFN's activation function (ProSparse's regulariser)."""
+    """Mean absolute output of the FFN's activation function (ProSparse's regulariser; on the plain ReLU gate
+    also under FATReLU, so that gates just below the threshold are pushed down too)."""
     if kind == "relu":
         return F.relu(gate).mean()
     if kind == "drelu":  # either factor at zero silences the neuron: push both
@@ -107,7 +108,7 @@ class ActivationMonitor:
     """
 
     def __init__(self, model: torch.nn.Module, count_neurons: bool = False):
-        self.kind = model.args.hidden_act
+        self.kind, self.threshold = model.args.hidden_act, model.args.relu_threshold
         self.penalize = False
         self.penalties: list[torch.Tensor] = []
         self.zeros: torch.Tensor | int = 0
@@ -126,7 +127,7 @@ class ActivationMonitor:
         if self.penalize:
             self.penalties.append(activation_l1(gate, up, self.kind))
         with torch.no_grad():
-            active = ffn_activation(gate, up, self.kind) != 0
+            active = ffn_activation(gate, up, self.kind, self.threshold) != 0
             self.zeros = self.zeros + (~active).sum()
             self.total += active.numel()
             if self.neuron_counts is not None:

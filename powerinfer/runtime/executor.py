@@ -90,14 +90,14 @@ class NeuronCounts:
 class OraclePredictor(nn.Module):
     """The exact active set (h != 0) from the FFN's own gate/up rows: for tests and quality bounds."""
 
-    def __init__(self, gate_up: torch.Tensor, activation: str):
+    def __init__(self, gate_up: torch.Tensor, activation: str, threshold: float = 0.0):
         super().__init__()
         self.register_buffer("gate_up", gate_up)
-        self.activation = activation
+        self.activation, self.threshold = activation, threshold
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = (x @ self.gate_up.T).chunk(2, dim=-1)
-        return ffn_activation(gate, up, self.activation) != 0
+        return ffn_activation(gate, up, self.activation, self.threshold) != 0
 
 
 class SplitFFN(nn.Module):
@@ -106,12 +106,14 @@ class SplitFFN(nn.Module):
     timer = None  # a `runtime.timing.PhaseTimer` while `bench` measures where decode time goes
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, activation: str, layer: LayerPlan,
-                 plan: ExecutionPlan, predictor: nn.Module | None, counts: NeuronCounts):
+                 plan: ExecutionPlan, predictor: nn.Module | None, counts: NeuronCounts, threshold: float = 0.0):
         super().__init__()
         n_ff = down.shape[1]
         if layer.strategy not in STRATEGIES:
             raise ValueError(f"unknown FFN strategy {layer.strategy!r}")
         self.activation, self.n_hot, self.n_ff, self.layer = activation, layer.n_hot, n_ff, layer
+        self.threshold = threshold  # FATReLU gate threshold (relu/drelu), 0: plain
+        self._act = (activation, threshold)  # as ffn_activation takes them
         self.hot_device, self.counts = plan.hot_device, counts
         gate, up, down_t = gate_up[:n_ff], gate_up[n_ff:], down.T
         self.hot = self._rows(gate, up, down_t, 0, self.n_hot, plan.hot_device, plan.hot_dtype)
@@ -222,10 +224,10 @@ class SplitFFN(nn.Module):
         x = flat.to(device=self.hot_device, dtype=gate.dtype)
         strategy = self.layer.strategy
         if strategy == "dense":
-            return _dense_rows(x, gate, up, down_t, self.activation, None)
+            return _dense_rows(x, gate, up, down_t, self._act, None)
         h = None
         if strategy == "exact-sparse-down":
-            h = ffn_activation(kernels.linear(x, gate), kernels.linear(x, up), self.activation)
+            h = ffn_activation(kernels.linear(x, gate), kernels.linear(x, up), *self._act)
             mask = self._keep(h, 0)
         else:
             mask = active[:self.n_hot]
@@ -237,7 +239,7 @@ class SplitFFN(nn.Module):
         kernels.compact_active(mask, idx, count)
         self.counts.hot.add_(count[0])  # stays on the GPU: no sync
         if h is None:
-            h = kernels.sparse_gate_up(x, gate, up, idx, self.activation, count=count)
+            h = kernels.sparse_gate_up(x, gate, up, idx, self.activation, threshold=self.threshold, count=count)
         else:
             h = h.index_select(1, idx)  # slots past `count` hold stale ids; sparse_down ignores them
         return kernels.sparse_down(h, down_t, idx, count=count)
@@ -261,17 +263,18 @@ class SplitFFN(nn.Module):
         """The CPU rows' output (None when none of them is active)."""
         gate, up, down_t = self.cold
         if self.layer.strategy == "dense":
-            return _dense_rows(x_host, gate, up, down_t, self.activation, None)
+            return _dense_rows(x_host, gate, up, down_t, self._act, None)
         if self.layer.strategy == "predictor":
             k = int(mask_host.sum())
             self.counts.cold += k
             if k == 0:
                 return None
             if kernels.should_use_dense(k, gate.shape[0], x_host.shape[0]):
-                return _dense_rows(x_host, gate, up, down_t, self.activation, mask_host)
-            return kernels.masked_ffn(x_host, gate, up, down_t, mask_host, self.activation)[0]
+                return _dense_rows(x_host, gate, up, down_t, self._act, mask_host)
+            return kernels.masked_ffn(x_host, gate, up, down_t, mask_host, self.activation,
+                                      threshold=self.threshold)[0]
         # exact-sparse-down: exact gate/up over every row, down over those that pass the threshold
-        h = ffn_activation(kernels.linear(x_host, gate), kernels.linear(x_host, up), self.activation)
+        h = ffn_activation(kernels.linear(x_host, gate), kernels.linear(x_host, up), *self._act)
         keep = self._keep(h, self.n_hot)
         idx = keep.nonzero()[:, 0]
         self.counts.cold += idx.numel()
@@ -283,10 +286,13 @@ class SplitFFN(nn.Module):
         """The FFN over the rows in `idx` (`h`: precomputed activations of every row, or None)."""
         if kernels.should_use_dense(idx.numel(), gate.shape[0], x.shape[0]):
             if h is None:
-                return _dense_rows(x, gate, up, down_t, self.activation, mask)
+                return _dense_rows(x, gate, up, down_t, self._act, mask)
             return _times(h * mask.to(h.dtype), down_t)
         idx32 = idx.to(torch.int32)
-        h = kernels.sparse_gate_up(x, gate, up, idx32, self.activation) if h is None else h[:, idx].contiguous()
+        if h is None:
+            h = kernels.sparse_gate_up(x, gate, up, idx32, self.activation, threshold=self.threshold)
+        else:
+            h = h[:, idx].contiguous()
         return kernels.sparse_down(h, down_t, idx32)
 
 
@@ -298,8 +304,9 @@ def _move(x, device, dtype, timer):
     return timer.move(x, device, dtype) if timer is not None else x.to(device, dtype)
 
 
-def _dense_rows(x, gate, up, down_t, activation, mask):
-    h = ffn_activation(kernels.linear(x, gate), kernels.linear(x, up), activation)  # GEMV on the CPU
+def _dense_rows(x, gate, up, down_t, act, mask):
+    """The FFN over every row (`act`: activation name and gate threshold); `mask` zeroes h outside a set."""
+    h = ffn_activation(kernels.linear(x, gate), kernels.linear(x, up), *act)  # GEMV on the CPU
     if mask is not None:  # same result as the sparse operators over the same active set
         h = h * mask.to(h.dtype)
     return _times(h, down_t)
@@ -340,7 +347,7 @@ class HybridTransformer(nn.Module):
             mlp = block.mlp
             self.ffns.append(SplitFFN(mlp.gate_up_proj.weight.detach(), mlp.down_proj.weight.detach(),
                                       mlp.activation, layer, plan,
-                                      predictors[i] if predictors else None, self.counts))
+                                      predictors[i] if predictors else None, self.counts, mlp.threshold))
             block.mlp = nn.Identity()  # the split FFN replaces it; drop the dense copy
             self.attention_layers.append(block)
         # one copy per device: a host-to-device copy inside a captured CUDA graph is not allowed
