@@ -12,7 +12,8 @@
 # `gguf` package importable (e.g. on PYTHONPATH). Optional: OUT (default runs/relufy-smollm2), WORK (where
 # the model is written; default /tmp/relufy-smollm2), RELUFY_MINUTES (default 6.5: the relufy part then
 # takes about 7 minutes in all), RELUFY_ACTIVATION (relu|drelu; default relu), RELUFY_L1 (default 3),
-# RELUFY_LR (5e-4), RELUFY_BATCH (32 sequences of 512 tokens), RELUFY_SAMPLE_SHARE (0.5),
+# RELUFY_LR (5e-4), RELUFY_BATCH (32 sequences of 512 tokens), RELUFY_SAMPLE_SHARE (0.5), RELUFY_THRESHOLD
+# (FATReLU gate threshold, default 0),
 # VRAM_BUDGET_GIB (for `build`, default 0.2: less than the model, so part of the FFN is placed on the CPU),
 # STEP_TIMEOUT (seconds allowed to each of build, eval and bench; default 600), PROFILE_TOKENS (calibration
 # tokens profiled for the predictors; default 65536), STEPS (default "relufy build eval bench"; a later call
@@ -40,6 +41,7 @@ if [[ $STEPS == *" relufy "* ]]; then
 python3 scripts/relufy_smollm2.py --model "$SMOLLM2_GGUF" --data-dir "$DATA_DIR" --work "$WORK" --out "$OUT" \
     --minutes "${RELUFY_MINUTES:-6.5}" --activation "$ACTIVATION" --l1 "${RELUFY_L1:-3}" \
     --lr "${RELUFY_LR:-5e-4}" --batch-size "${RELUFY_BATCH:-32}" --sample-share "${RELUFY_SAMPLE_SHARE:-0.5}" \
+    --threshold "${RELUFY_THRESHOLD:-0}" \
     2>&1 | tee "$OUT/relufy.log"
 fi
 MODEL_DIR="$WORK/smollm2-$ACTIVATION"

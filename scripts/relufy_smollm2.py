@@ -46,6 +46,7 @@ def main() -> int:
     p.add_argument("--micro-batch-size", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--sample-share", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=0.0, help="FATReLU gate threshold (0: plain ReLU)")
     p.add_argument("--eval-every", type=int, default=200)
     args = p.parse_args()
 
@@ -73,7 +74,8 @@ def main() -> int:
                          l1_ramp=args.l1_ramp, eval_every=args.eval_every, save_minutes=3.0, save_every=10**9)
     try:
         recipe = relufy(args.model, model_dir, args.activation, data_file=train_file, minutes=args.minutes,
-                        train_options=train_options, config=RelufyConfig(sample_share=args.sample_share),
+                        train_options=train_options, config=RelufyConfig(sample_share=args.sample_share,
+                                                                    threshold=args.threshold),
                         eval_file=monitor_file, eval_tokens=32768)
     finally:
         if (model_dir / LOG_FILE).exists():
