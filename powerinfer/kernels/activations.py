@@ -30,12 +30,16 @@ _GATED_ACTIVATIONS = {
 }
 
 
+def check_gate_threshold(name: str, threshold: float) -> None:
+    if threshold and (name not in ("relu", "drelu") or threshold < 0):
+        raise ValueError(f"a gate threshold must be >= 0 and needs relu or drelu (got {threshold} with {name!r})")
+
+
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, name: str, threshold: float = 0.0) -> torch.Tensor:
     """Plain-PyTorch act(gate) * up (relu(gate) * relu(up) for ``drelu``). With `threshold` > 0 (relu/drelu
     only) the gate is FATReLU's: gate where gate > threshold, else 0."""
     activation_code(name)  # raises with the list of valid names
+    check_gate_threshold(name, threshold)
     if threshold:
-        if name not in ("relu", "drelu"):
-            raise ValueError(f"a gate threshold needs relu or drelu, not {name!r}")
         gate = torch.where(gate > threshold, gate, torch.zeros((), dtype=gate.dtype, device=gate.device))
     return _GATED_ACTIVATIONS[name](gate, up)

@@ -30,7 +30,7 @@ from types import ModuleType
 
 import torch
 
-from powerinfer.kernels.activations import ACTIVATIONS, activation_code, gated_activation
+from powerinfer.kernels.activations import ACTIVATIONS, activation_code, check_gate_threshold, gated_activation
 
 try:
     from powerinfer.kernels import cpu as _cpu_kernels
@@ -119,11 +119,6 @@ def _count_value(count: torch.Tensor | int, capacity: int) -> int:
     return max(0, min(int(count), capacity))
 
 
-def _check_threshold(activation: str, threshold: float) -> None:
-    if threshold and (activation not in ("relu", "drelu") or threshold < 0):
-        raise ValueError(f"a gate threshold must be >= 0 and needs relu or drelu (got {threshold} with {activation!r})")
-
-
 def sparse_gate_up_reference(
     x: torch.Tensor,
     w_gate: torch.Tensor,
@@ -186,7 +181,7 @@ def sparse_gate_up(
     fixed-capacity form (module docstring); ``out`` is an optional preallocated result.
     """
     _check_operands(x, (w_gate, w_up), idx, w_gate.shape[1])
-    _check_threshold(activation, threshold)
+    check_gate_threshold(activation, threshold)
     backend = select_backend(x, w_gate, w_up, use_kernel=use_kernel)
     if backend == "triton":
         return _triton().sparse_gate_up(x, w_gate, w_up, idx, activation, threshold=threshold, count=count, out=out)
@@ -247,7 +242,7 @@ def masked_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
     _check_operands(x, (w_gate, w_up, w_down_t), None, w_gate.shape[1])
     if mask.dtype != torch.bool or mask.shape != (w_gate.shape[0],):
         raise ValueError(f"mask must be a [{w_gate.shape[0]}] bool tensor")
-    _check_threshold(activation, threshold)
+    check_gate_threshold(activation, threshold)
     if select_backend(x, w_gate, w_up, w_down_t, use_kernel=use_kernel) != "numba":
         return masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold)
     return _cpu_kernels.masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, threshold=threshold)
