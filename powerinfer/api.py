@@ -24,8 +24,8 @@ def load(model=None, device: str = "cpu", dtype=None, context: int | None = None
 
     mode: hybrid | gpu | cpu | dense | offload (default: the artifact's natural mode, else dense).
     vram_budget: GiB of GPU memory for hybrid (re-plans the artifact's placement) and offload.
-    cpu_dtype: "float32" | "bfloat16", of the FFN rows in CPU memory (default: bfloat16 when a GPU holds the
-    rest, else float32).
+    cpu_dtype: "float32" | "bfloat16", of the weight matrices in CPU memory (default: bfloat16 when a GPU holds
+    the rest, else float32).
     """
     if mode is not None and mode not in MODES:
         raise PowerInferError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")

@@ -126,7 +126,7 @@ def _gated_dot(x_t, gate_row, up_row, code, threshold):
 
 @njit(**_JIT)
 def _gate_up_kernel(x, w_gate, w_up, idx, code, threshold, n_tasks, out):
-    n_tokens, d = x.shape
+    n_tokens = x.shape[0]
     k = idx.shape[0]
     for task in prange(n_tasks):
         for j in range(task * k // n_tasks, (task + 1) * k // n_tasks):

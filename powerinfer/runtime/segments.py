@@ -17,11 +17,9 @@ keep the buffers they were captured with (the views in `layers`), whatever the e
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from powerinfer.runtime.executor import HybridTransformer
+from powerinfer.runtime.executor import HybridTransformer, _cpu_time
 
 
 def supports_segments(model) -> bool:
@@ -118,7 +116,7 @@ class DecodeSegments:
                 if t is not None:
                     t.mark("gpu")
             self._done.synchronize()
-            with t.cpu() if t is not None else contextlib.nullcontext():
+            with _cpu_time(t):
                 ffn.stage(ffn.cold_part(*host_in), staged)
             if t is not None:
                 t.mark("idle")  # the stream waited for the CPU's part
