@@ -239,3 +239,21 @@ def test_fatrelu_threshold_runs_the_same_in_the_sparse_modes(relu_model, mode, n
     placement = _placement(3, n_hot) if n_hot else None
     run = build_executor(loaded, mode, "cpu", _oracles(loaded), placement)
     torch.testing.assert_close(_logits(run, ids), want, atol=2e-5, rtol=1e-5)
+
+
+
+def test_offload_counts_the_output_head_only_with_every_layer():
+    """llama.cpp -ngl: the head joins the GPU only with every layer, so a partial offload spends the head's
+    bytes on one more layer; room for every layer but not the head keeps one layer (and the head) off."""
+    from powerinfer.offline.synth import synthetic_args
+    from powerinfer.runtime.executor import offload_layers_for_budget
+
+    args, _ = synthetic_args("llama2-7b")
+    mib, context = 2**20, 256
+    per_layer = 2 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 2 * context * 4096 * 2 + 7 * 2 * mib
+    head = 32000 * 4096 * 2
+    assert offload_layers_for_budget(args, 8 * 1024 * mib, context) == 20  # 19 if the head were counted
+    all_layers = 64 * mib + 32 * per_layer
+    assert offload_layers_for_budget(args, all_layers + head, context) == 32
+    assert offload_layers_for_budget(args, all_layers + head - 1, context) == 31
+    assert offload_layers_for_budget(args, 64 * mib + per_layer - 1, context) == 0

@@ -17,6 +17,8 @@ instead of converting the sparse activation pattern to a dense format.
   row read.
 * dense GEMV: y = x @ W^T for a few tokens (decode), each row read once.
 
+Threads get one task each: numba hands every thread one equal chunk of a prange (static schedule),
+so more tasks than threads would only add partial sums; the tasks split the active rows evenly.
 Every kernel also has a single-threaded build, used below ``SERIAL_MAX_BYTES`` of weights, where
 waking the thread pool costs more than the work.
 
@@ -60,11 +62,6 @@ _JIT = dict(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
 _REDUCE_COLUMNS = 256
 # Rows of w_down_t combined per accumulator pass (the loop in _down_kernel is unrolled for 4).
 _DOWN_ROWS = 4
-# Work items per thread: >1 evens out the load when threads run at different speeds.
-_TASKS_PER_THREAD = 4
-# Upper bound on the private partial sums of sparse_down; beyond it (long prompts)
-# fewer tasks share the rows, down to one task per thread.
-_PARTIAL_BYTES_BUDGET = 8 << 20
 
 
 def set_num_threads(n: int) -> None:
@@ -259,7 +256,7 @@ def sparse_gate_up(
     if _serial(2 * idx_np.shape[0] * w_gate.shape[1] * w_gate.itemsize):
         _gate_up_kernel_serial(_float32_array(x), w_gate, w_up, idx_np, code, threshold, 1, out.numpy())
         return out
-    n_tasks = max(1, min(idx_np.shape[0], _TASKS_PER_THREAD * numba.get_num_threads()))
+    n_tasks = max(1, min(idx_np.shape[0], numba.get_num_threads()))
     _gate_up_kernel(_float32_array(x), w_gate, w_up, idx_np, code, threshold, n_tasks, out.numpy())
     return out
 
@@ -279,9 +276,7 @@ def sparse_down(
     if _serial(idx_np.shape[0] * d * w_down_t.itemsize):
         _down_kernel_serial(_float32_array(h), w_down_t, idx_np, 1, out.numpy())
         return out
-    threads = numba.get_num_threads()
-    affordable = _PARTIAL_BYTES_BUDGET // max(1, 4 * n_tokens * d)
-    n_tasks = max(1, min(idx_np.shape[0], _TASKS_PER_THREAD * threads, max(threads, affordable)))
+    n_tasks = max(1, min(idx_np.shape[0], numba.get_num_threads()))
     _down_kernel(_float32_array(h), w_down_t, idx_np, n_tasks, out.numpy())
     return out
 
@@ -311,7 +306,7 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = N
     if _serial(w_np.nbytes):
         _gemv_kernel_serial(_float32_array(x), w_np, 1, out.numpy())
         return out
-    n_tasks = max(1, min(w_np.shape[0], _TASKS_PER_THREAD * numba.get_num_threads()))
+    n_tasks = max(1, min(w_np.shape[0], numba.get_num_threads()))
     _gemv_kernel(_float32_array(x), w_np, n_tasks, out.numpy())
     return out
 
@@ -319,56 +314,69 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = N
 @njit(**_JIT)
 def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, n_tasks, out):
     n_tokens, d = x.shape
-    n = mask.shape[0]
+    # The tasks split the active neurons, not the mask: cold rows are sorted hot-first, so equal slices
+    # of the mask would hand the first thread several times the work of the last.
+    ids = np.flatnonzero(mask)
+    k = ids.shape[0]
+    if k == 0:
+        out[:] = 0
+        return 0
+    n_tasks = min(n_tasks, k)
     partial = np.zeros((n_tasks, n_tokens, d), np.float32)
-    counts = np.zeros(n_tasks, np.int64)
     for task in prange(n_tasks):
-        lo = task * n // n_tasks
-        hi = (task + 1) * n // n_tasks
-        # pass 1: gate/up of this task's active neurons; keep those with a nonzero h (a predicted neuron
-        # that stays at zero never has its down row read)
+        lo = task * k // n_tasks
+        hi = (task + 1) * k // n_tasks
+        # pass 1: gate/up of this task's neurons; keep those with a nonzero h (a predicted neuron that
+        # stays at zero never has its down row read)
         rows = np.empty(hi - lo, np.int64)
         h = np.empty((n_tokens, hi - lo), np.float32)
         m = 0
-        active = 0  # counted locally: neighbouring tasks' counts share a cache line
         for j in range(lo, hi):
-            if not mask[j]:
-                continue
-            active += 1
-            gate_row, up_row = w_gate[j], w_up[j]
+            gate_row, up_row = w_gate[ids[j]], w_up[ids[j]]
             nonzero = False
             for t in range(n_tokens):
                 value = _gated_dot(x[t], gate_row, up_row, code, threshold)
                 h[t, m] = value
                 nonzero = nonzero or value != 0
             if nonzero:
-                rows[m] = j
+                rows[m] = ids[j]
                 m += 1
-        counts[task] = active
         # pass 2: the down AXPY over the kept rows
         _accumulate_rows(partial[task], h, rows, 0, m, w_down_t)
     _sum_partials(partial, out)
-    return counts.sum()
+    return k
 
 
 _masked_ffn_kernel_serial = _serial_variant(_masked_ffn_kernel)
+
+
+class MaskedFFN:
+    """`masked_ffn` over fixed weights: their array views and the activation code are made once, so a
+    decode step's call costs the kernel and little more (the per-call conversions and checks of the free
+    function cost ~35 us per call on the 2-core VM: a tenth of a 7B layer's cold rows)."""
+
+    def __init__(self, w_gate, w_up, w_down_t, activation: str, threshold: float = 0.0):
+        self.weights = tuple(_weight_array(w) for w in (w_gate, w_up, w_down_t))
+        self.code, self.threshold = activation_code(activation), np.float32(threshold)
+        self.neuron_bytes = 3 * self.weights[2].shape[1] * self.weights[2].itemsize
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, int]:
+        """(y[T, d], k) for float32 x [T, d] and a contiguous bool mask [n_ff] (`out`: where to write y)."""
+        mask_np = mask.numpy()
+        if mask_np.dtype != np.bool_ or mask_np.shape != self.weights[0].shape[:1]:
+            raise ValueError(f"mask must be a [{self.weights[0].shape[0]}] bool tensor")
+        out = _output(out, (x.shape[0], self.weights[2].shape[1]))
+        if _serial(self.neuron_bytes * int(np.count_nonzero(mask_np))):
+            kernel, n_tasks = _masked_ffn_kernel_serial, 1
+        else:  # balanced slices of the active neurons: one task per thread
+            kernel, n_tasks = _masked_ffn_kernel, numba.get_num_threads()
+        k = kernel(_float32_array(x), *self.weights, mask_np, self.code, self.threshold, n_tasks, out.numpy())
+        return out, int(k)
 
 
 def masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, *, threshold: float = 0.0,
                out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(y[T, d], k): the FFN over the k neurons whose `mask` entry is set, one pass over their rows
     (float32 or bfloat16 weights)."""
-    w_gate, w_up, w_down_t = _weight_array(w_gate), _weight_array(w_up), _weight_array(w_down_t)
-    mask_np = mask.detach().contiguous().numpy()
-    n_tokens, d = x.shape[0], w_down_t.shape[1]
-    out = _output(out, (n_tokens, d))
-    k = int(mask_np.sum())
-    code, threshold = activation_code(activation), np.float32(threshold)
-    if _serial(3 * k * d * w_down_t.itemsize):
-        return out, int(_masked_ffn_kernel_serial(_float32_array(x), w_gate, w_up, w_down_t, mask_np, code,
-                                                    threshold, 1, out.numpy()))
-    threads = numba.get_num_threads()
-    affordable = _PARTIAL_BYTES_BUDGET // max(1, 4 * n_tokens * d)
-    n_tasks = max(1, min(mask_np.shape[0], _TASKS_PER_THREAD * threads, max(threads, affordable)))
-    return out, int(_masked_ffn_kernel(_float32_array(x), w_gate, w_up, w_down_t, mask_np, code, threshold,
-                                       n_tasks, out.numpy()))
+    return MaskedFFN(w_gate, w_up, w_down_t, activation, threshold)(x, mask.detach().contiguous(), out)

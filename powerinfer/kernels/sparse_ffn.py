@@ -235,17 +235,33 @@ def masked_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
                use_kernel: bool | None = None) -> tuple[torch.Tensor, int]:
     """(y[T, d], k): gate/up and down over the neurons set in `mask` ([n_ff] bool), k of them.
 
-    On the CPU one numba pass scans the mask and streams each active neuron's three rows once (its down
-    row only when its h is nonzero); this saves the id list and two dispatches per layer, which dominate
-    small models. Elsewhere: the reference.
+    On the CPU one numba pass streams each active neuron's three rows once (its down row only when its h
+    is nonzero); this saves the id list and two dispatches per layer, which dominate small models.
+    Elsewhere: the reference. For the same weights on every call, `bind_masked_ffn`.
     """
     _check_operands(x, (w_gate, w_up, w_down_t), None, w_gate.shape[1])
     if mask.dtype != torch.bool or mask.shape != (w_gate.shape[0],):
         raise ValueError(f"mask must be a [{w_gate.shape[0]}] bool tensor")
+    return bind_masked_ffn(w_gate, w_up, w_down_t, activation, threshold=threshold, use_kernel=use_kernel,
+                           input_dtype=x.dtype)(x, mask.contiguous())
+
+
+def bind_masked_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, activation: str, *,
+                    threshold: float = 0.0, use_kernel: bool | None = None,
+                    input_dtype: torch.dtype = torch.float32):
+    """`masked_ffn` with its weights fixed: a callable (x, mask, out=None) -> (y, k) that makes its checks
+    and weight views once (a decode step calls it once per layer). `mask` must be a contiguous [n_ff] bool
+    tensor; `x` of `input_dtype` (the CPU kernel takes float32)."""
+    _check_operands(w_gate.new_empty(0, w_gate.shape[1]), (w_gate, w_up, w_down_t), None, w_gate.shape[1])
     check_gate_threshold(activation, threshold)
-    if select_backend(x, w_gate, w_up, w_down_t, use_kernel=use_kernel) != "numba":
-        return masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold)
-    return _cpu_kernels.masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, threshold=threshold)
+    probe = torch.empty(0, device=w_gate.device, dtype=input_dtype)
+    if select_backend(probe, w_gate, w_up, w_down_t, use_kernel=use_kernel) == "numba":
+        return _cpu_kernels.MaskedFFN(w_gate, w_up, w_down_t, activation, threshold)
+
+    def reference(x, mask, out=None):
+        y, k = masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold)
+        return (y if out is None else out.copy_(y)), k
+    return reference
 
 
 def compact_active_reference(mask: torch.Tensor, idx_out: torch.Tensor, count_out: torch.Tensor) -> None:
@@ -280,6 +296,7 @@ def set_num_threads(n: int) -> None:
 
 __all__ = [
     "ACTIVATIONS",
+    "bind_masked_ffn",
     "compact_active",
     "compact_active_reference",
     "masked_ffn",

@@ -118,7 +118,9 @@ class SplitFFN(nn.Module):
         gate, up, down_t = gate_up[:n_ff], gate_up[n_ff:], down.T
         self.hot = self._rows(gate, up, down_t, 0, self.n_hot, plan.hot_device, plan.hot_dtype)
         self.cold = self._rows(gate, up, down_t, self.n_hot, n_ff, CPU, plan.cold_dtype)
-        self.predictor = None
+        self.predictor, self._cold_ffn = None, None
+        if layer.strategy == "predictor" and self.cold is not None:
+            self._cold_ffn = kernels.bind_masked_ffn(*self.cold, activation, threshold=threshold)
         if layer.strategy == "predictor":
             if predictor is None:
                 raise ValueError("the predictor strategy needs a predictor")
@@ -197,18 +199,20 @@ class SplitFFN(nn.Module):
             mask_host.copy_(active[self.n_hot:], non_blocking=True)
         return x_host, mask_host
 
-    def cold_part(self, x_host: torch.Tensor, mask_host: torch.Tensor | None) -> torch.Tensor | None:
-        """The CPU rows' output [T, d] float32, None when none of them is active (host work only)."""
+    def cold_part(self, x_host: torch.Tensor, mask_host: torch.Tensor | None, out: torch.Tensor | None = None
+                  ) -> torch.Tensor | None:
+        """The CPU rows' output [T, d] float32 (in `out` where the sparse kernel can write it there), None
+        when none of them is active (host work only)."""
         if self.predictor is not None and mask_host is None:  # predictor in host memory (no hot rows)
             mask_host = self.predict(x_host)[self.n_hot:]
-        return self._cold_forward(x_host, mask_host)
+        return self._cold_forward(x_host, mask_host, out)
 
-    @staticmethod
-    def stage(y_cold: torch.Tensor | None, staged: torch.Tensor) -> torch.Tensor:
-        """The cold output written into the pinned buffer `staged` (zeros when there is none)."""
+    def stage(self, x_host: torch.Tensor, mask_host: torch.Tensor | None, staged: torch.Tensor) -> torch.Tensor:
+        """The cold output in the pinned buffer `staged` (zeros when none is active)."""
+        y_cold = self.cold_part(x_host, mask_host, staged)
         if y_cold is None:
             staged.zero_()
-        else:
+        elif y_cold is not staged:
             staged.copy_(y_cold)
         return staged
 
@@ -251,7 +255,8 @@ class SplitFFN(nn.Module):
             return y + y_cold.to(y.dtype)
         t = self.timer
         with _cpu_time(t):
-            staged = self.stage(y_cold, self._pinned_buffer("y", y_cold.shape, torch.float32))
+            staged = self._pinned_buffer("y", y_cold.shape, torch.float32)
+            staged.copy_(y_cold)
         if t is not None:
             t.mark("idle")  # the stream waited for the CPU's part
         y_cold = staged.to(y.device, non_blocking=True)
@@ -259,8 +264,8 @@ class SplitFFN(nn.Module):
             t.mark("transfer")
         return y + y_cold.to(y.dtype)
 
-    def _cold_forward(self, x_host, mask_host):
-        """The CPU rows' output (None when none of them is active)."""
+    def _cold_forward(self, x_host, mask_host, out=None):
+        """The CPU rows' output (None when none of them is active; in `out` if given, when sparse)."""
         gate, up, down_t = self.cold
         if self.layer.strategy == "dense":
             return _dense_rows(x_host, gate, up, down_t, self._act, None)
@@ -271,8 +276,7 @@ class SplitFFN(nn.Module):
                 return None
             if kernels.should_use_dense(k, gate.shape[0], x_host.shape[0]):
                 return _dense_rows(x_host, gate, up, down_t, self._act, mask_host)
-            return kernels.masked_ffn(x_host, gate, up, down_t, mask_host, self.activation,
-                                      threshold=self.threshold)[0]
+            return self._cold_ffn(x_host, mask_host.contiguous(), out)[0]
         # exact-sparse-down: exact gate/up over every row, down over those that pass the threshold
         h = ffn_activation(kernels.linear(x_host, gate), kernels.linear(x_host, up), *self._act)
         keep = self._keep(h, self.n_hot)
@@ -439,14 +443,18 @@ def plan_for_mode(mode: str, args, hot_device, hot_dtype, placement: dict | None
 
 
 def offload_layers_for_budget(args, budget_bytes: int, context: int, dtype_bytes: int = 2) -> int:
-    """llama.cpp `-ngl` style: how many whole layers (weights + KV cache) fit the GPU budget after the
-    output head and a workspace reserve."""
+    """llama.cpp `-ngl` style: how many whole layers (weights + KV cache) fit the GPU budget after a workspace
+    reserve. As in llama.cpp the output head joins them only with every layer (`plan_for_mode`), so it is
+    counted only then; with fewer layers its bytes buy one more layer instead."""
     d, n_ff, hd = args.hidden_size, args.intermediate_size, args.head_dim
     attention = d * (args.num_attention_heads + 2 * args.num_key_value_heads) * hd + args.num_attention_heads * hd * d
     per_layer = (attention + 3 * d * n_ff) * dtype_bytes + 2 * context * args.num_key_value_heads * hd * dtype_bytes
     per_layer += 7 * 2 * 2**20  # the caching allocator rounds each large tensor up to 2 MiB
-    reserve = args.vocab_size * d * dtype_bytes + 64 * 2**20  # output head + activations/allocator slack
-    return max(0, min(args.num_hidden_layers, (budget_bytes - reserve) // per_layer))
+    room = budget_bytes - 64 * 2**20  # activations/allocator slack
+    layers = min(args.num_hidden_layers, max(0, room) // per_layer)
+    if layers == args.num_hidden_layers and layers * per_layer + args.vocab_size * d * dtype_bytes > room:
+        layers -= 1  # all layers but no room for the head: one layer stays on the CPU with it
+    return layers
 
 
 def build_executor(loaded, mode: str, hot_device="cuda", predictors: list | None = None,
