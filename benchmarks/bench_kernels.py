@@ -10,7 +10,10 @@ On CUDA (when present): device copy bandwidth (bytes read + written), the Triton
 gate_up/down (id list; id buffer + device count) in GB/s of active-row bytes and % of
 copy bandwidth, torch index_select+matmul, torch dense GEMV, the compaction kernel and a
 one-token FFN (sparse vs dense). --sweep times the kernels' block shapes. GPU times are
-medians of CUDA-graph replays (triton.testing.do_bench, which flushes L2 before each).
+medians of CUDA-graph replays (triton.testing.do_bench, which flushes L2 before each), of one
+call, and per call of --gpu-layers calls over as many copies of the weights back to back in one
+graph (as a decode step runs its layers: the graph launch and each kernel's ramp-up and tail
+overlap with the neighbours'); --sweep uses the latter.
 
 On the CPU each call reads a different active set (disjoint sets, cycled) so that the
 active rows are not still in the last-level cache from the previous call, as in real
@@ -21,6 +24,7 @@ decoding where every layer has its own weights.
 
 import argparse
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -170,18 +174,21 @@ def gpu_copy_gbps(device, do_bench) -> float:
     return gbps(2 * STREAM_BYTES, do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
 
 
-def bench_gpu(density, sweep_configs):
+def bench_gpu(density, sweep_configs, layers=8):
     import triton
     from triton.testing import do_bench
 
-    def graph_us(fn):
-        """Median GPU time of fn replayed from a CUDA graph: no Python launch overhead
-        (which exceeds these kernels' run time), and do_bench flushes L2 before each replay."""
-        fn()  # compile outside the capture
+    def graph_us(*fns):
+        """Median GPU time per call of fns replayed from one CUDA graph: no Python launch overhead
+        (which exceeds these kernels' run time), and do_bench flushes L2 before each replay. Several fns
+        (one per layer's weights) run back to back as in a decode step, sharing the graph launch."""
+        for fn in fns:
+            fn()  # compile outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn()
-        return do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
+            for fn in fns:
+                fn()
+        return do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3 / len(fns)
 
     device = torch.device("cuda")
     copy_gbps = gpu_copy_gbps(device, do_bench)
@@ -222,6 +229,22 @@ def bench_gpu(density, sweep_configs):
             record(f"T{n_tokens}_{name}", graph_us(op), n_bytes)
     results["compact_active_us"] = graph_us(lambda: compact_active(mask, buffer, count))
 
+    # The same operators over `layers` copies of the weights in one graph, back to back as the layers of a
+    # decode step run: the graph launch and the kernels' ramp-up and tail overlap as they do there.
+    copies = [(w_gate, w_up, w_down_t)] + [tuple(w.clone() for w in (w_gate, w_up, w_down_t))
+                                          for _ in range(layers - 1)]
+    results["layers_in_graph"] = layers
+    for n_tokens in (1, 16):
+        x = torch.randn(n_tokens, D, device=device, dtype=dtype)
+        h_full = torch.randn(n_tokens, N_FF, device=device, dtype=dtype)
+        for name, make_op, n_bytes in (
+            ("gate_up_id_buffer", lambda wg, wu, wd: lambda: sparse_gate_up(x, wg, wu, buffer, "silu", count=count),
+             2 * k * row_bytes),
+            ("down_id_buffer", lambda wg, wu, wd: lambda: sparse_down(h_full, wd, buffer, count=count), k * row_bytes),
+            ("dense_gemv_torch", lambda wg, wu, wd: lambda: x @ wg.T, N_FF * row_bytes),
+        ):
+            record(f"T{n_tokens}_{name}_{layers}_layers", graph_us(*(make_op(*w) for w in copies)), n_bytes)
+
     # One-token FFN: mask -> id buffer -> gate_up -> down, against the dense FFN.
     x = torch.randn(1, D, device=device, dtype=dtype)
     h = torch.empty(1, N_FF, device=device, dtype=dtype)
@@ -237,14 +260,16 @@ def bench_gpu(density, sweep_configs):
         "dense_us": graph_us(lambda: y.copy_(dense_ffn(x, w_gate, w_up, w_down_t))),
     }
     if sweep_configs:
-        results["sweep"] = sweep_gpu_configs(w_gate, w_up, w_down_t, ids, graph_us, row_bytes, copy_gbps)
+        results["sweep"] = sweep_gpu_configs(copies, ids, graph_us, row_bytes, copy_gbps)
     return results
 
 
-def sweep_gpu_configs(w_gate, w_up, w_down_t, ids, graph_us, row_bytes, copy_gbps):
-    """Block shapes of the kernels (module constants of triton_gpu), by % of copy bandwidth."""
+def sweep_gpu_configs(copies, ids, graph_us, row_bytes, copy_gbps):
+    """Block shapes of the kernels (module constants of triton_gpu), by % of copy bandwidth; each timed over
+    the layers' weight copies back to back in one graph."""
     from powerinfer.kernels import triton_gpu
 
+    w_gate = copies[0][0]
     k = ids.numel()
     candidates = (  # (op, tokens, constant names, values)
         ("gate_up", 1, ("_GEMV_BLOCK_N", "_GEMV_MAX_BLOCK_D", "_GEMV_WARPS"),
@@ -268,10 +293,11 @@ def sweep_gpu_configs(w_gate, w_up, w_down_t, ids, graph_us, row_bytes, copy_gbp
                     for name, v in zip(names, value):
                         setattr(triton_gpu, name, v)
                     if op == "gate_up":
-                        us = graph_us(lambda: sparse_gate_up(x, w_gate, w_up, ids, "silu"))
+                        us = graph_us(*(functools.partial(sparse_gate_up, x, wg, wu, ids, "silu")
+                                        for wg, wu, _ in copies))
                         n_bytes = 2 * k * row_bytes
                     else:
-                        us = graph_us(lambda: sparse_down(h, w_down_t, ids))
+                        us = graph_us(*(functools.partial(sparse_down, h, wd, ids) for _, _, wd in copies))
                         n_bytes = k * row_bytes
                     rows.append({"op": op, "tokens": n_tokens, "per_sm": per_sm, "block": list(value),
                                  "us": us, "pct_of_copy": 100 * gbps(n_bytes, us * 1e-6) / copy_gbps})
@@ -308,6 +334,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--crossover", action="store_true", help="sweep density for the dense crossover")
     parser.add_argument("--sweep", action="store_true", help="sweep GPU block shapes")
+    parser.add_argument("--gpu-layers", type=int, default=8,
+                        help="weight copies run back to back in one CUDA graph for the per-layer timings")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU part")
     parser.add_argument("--no-gpu", action="store_true", help="skip the CUDA part")
     args = parser.parse_args()
@@ -334,7 +362,7 @@ def main() -> None:
         if args.crossover:
             report["cpu_crossover"] = bench_cpu_crossover(max(3, args.repeats // 2), generator)
     if torch.cuda.is_available() and not args.no_gpu:
-        report["gpu"] = bench_gpu(args.density, args.sweep)
+        report["gpu"] = bench_gpu(args.density, args.sweep, args.gpu_layers)
 
     text = json.dumps(report, indent=2)
     print(text)
