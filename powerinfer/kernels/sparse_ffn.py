@@ -250,7 +250,7 @@ def bind_masked_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Te
                     threshold: float = 0.0, use_kernel: bool | None = None,
                     input_dtype: torch.dtype = torch.float32):
     """`masked_ffn` with its weights fixed: a callable (x, mask, out=None) -> (y, k) that makes its checks
-    and weight views once (a decode step calls it once per layer). `mask` must be a contiguous [n_ff] bool
+    and weight views once (a decode step calls it once per layer), with `count(mask)` -> k. `mask` must be a contiguous [n_ff] bool
     tensor; `x` of `input_dtype` (the CPU kernel takes float32)."""
     _check_operands(w_gate.new_empty(0, w_gate.shape[1]), (w_gate, w_up, w_down_t), None, w_gate.shape[1])
     check_gate_threshold(activation, threshold)
@@ -258,10 +258,15 @@ def bind_masked_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Te
     if select_backend(probe, w_gate, w_up, w_down_t, use_kernel=use_kernel) == "numba":
         return _cpu_kernels.MaskedFFN(w_gate, w_up, w_down_t, activation, threshold)
 
-    def reference(x, mask, out=None):
-        y, k = masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold)
-        return (y if out is None else out.copy_(y)), k
-    return reference
+    class Reference:
+        @staticmethod
+        def count(mask):
+            return int(mask.sum())
+
+        def __call__(self, x, mask, out=None):
+            y, k = masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold)
+            return (y if out is None else out.copy_(y)), k
+    return Reference()
 
 
 def compact_active_reference(mask: torch.Tensor, idx_out: torch.Tensor, count_out: torch.Tensor) -> None:

@@ -270,13 +270,14 @@ class SplitFFN(nn.Module):
         if self.layer.strategy == "dense":
             return _dense_rows(x_host, gate, up, down_t, self._act, None)
         if self.layer.strategy == "predictor":
-            k = int(mask_host.sum())
+            mask_host = mask_host.contiguous()
+            k = self._cold_ffn.count(mask_host)
             self.counts.cold += k
             if k == 0:
                 return None
             if kernels.should_use_dense(k, gate.shape[0], x_host.shape[0]):
                 return _dense_rows(x_host, gate, up, down_t, self._act, mask_host)
-            return self._cold_ffn(x_host, mask_host.contiguous(), out)[0]
+            return self._cold_ffn(x_host, mask_host, out)[0]
         # exact-sparse-down: exact gate/up over every row, down over those that pass the threshold
         h = ffn_activation(kernels.linear(x_host, gate), kernels.linear(x_host, up), *self._act)
         keep = self._keep(h, self.n_hot)
