@@ -169,6 +169,30 @@ def test_hybrid_graph_segments_equal_eager_decode(relu_model, ends_on_gpu):
     assert segment_shares == pytest.approx(eager_shares)
 
 
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["offload-1", "offload-2", "hybrid-last-attention-on-cpu"])
+def test_graph_segments_with_cpu_layers_last_equal_eager_decode(relu_model, mode):
+    """Layers kept in CPU memory after the GPU's (offload; hybrid with the last attention on the CPU) run
+    eagerly after the GPU layers' graph segments: the same logits as the eager step."""
+    ids = torch.randint(0, 256, (20,)).tolist()
+    results = []
+    for graphs in (False, True):
+        loaded = load_model(relu_model)
+        if mode.startswith("offload"):
+            run = build_executor(loaded, "offload", "cuda", offload_layers=int(mode[-1]), hot_dtype=torch.float32)
+        else:
+            placement = {"layers": [{"n_gpu_neurons": n, "attention_on_gpu": i < 2} for i, n in enumerate((9, 60, 0))]}
+            run = build_executor(loaded, "hybrid", "cuda", _oracles(loaded), placement, hot_dtype=torch.float32)
+        with torch.inference_mode():
+            gen = Generator(run, context=64, cuda_graphs=graphs)
+            assert gen.use_segments == graphs
+            logits = [gen.prefill(ids[:7])]
+            logits += [gen.decode_step(torch.tensor([t]), 7 + i) for i, t in enumerate(ids[7:])]
+        results.append(torch.cat([x.cpu() for x in logits]))
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode,n_hot", [("cpu", None), ("hybrid", [101, 7, 1])])
 def test_bfloat16_cpu_rows_equal_dense_with_those_rows_rounded(relu_model, mode, n_hot):
     """cold_dtype=bfloat16 stores the CPU's FFN rows in bfloat16 and computes in float32: the same as the dense

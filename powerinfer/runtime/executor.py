@@ -381,10 +381,14 @@ class HybridTransformer(nn.Module):
                                  [self.plan.device_dtype(d) for d in devices], devices)
 
     def forward(self, tokens, positions, cache=None, last_logits_only: bool = False):
+        x = self.layers_from(0, self.embed_tokens(tokens.to(self.plan.embed_device)), positions, cache)
+        return self.head(x[:, -1:] if last_logits_only else x)
+
+    def layers_from(self, start: int, x, positions, cache):
+        """The hidden states after layers [start, n) (each on its own device), from x before layer `start`."""
         t = self.timer
-        x = self.embed_tokens(tokens.to(self.plan.embed_device))
         per_device = {}
-        for block, ffn, layer in zip(self.attention_layers, self.ffns, self.plan.layers):
+        for block, ffn, layer in zip(self.attention_layers[start:], self.ffns[start:], self.plan.layers[start:]):
             device = layer.attention_device
             if device not in per_device:
                 pos = positions.to(device)
@@ -396,9 +400,11 @@ class HybridTransformer(nn.Module):
             with _cpu_time(t if device.type == "cpu" else None):
                 x = x + block.self_attn(block.input_layernorm(x), cos, sin, pos, cache, mask)
                 x = x + ffn(block.post_attention_layernorm(x))
-        if last_logits_only:
-            x = x[:, -1:]
-        head = self.plan.head_device
+        return x
+
+    def head(self, x):
+        """float32 logits of the last hidden states x."""
+        t, head = self.timer, self.plan.head_device
         x = _move(x, head, self.plan.device_dtype(head), t)
         with _cpu_time(t if head.type == "cpu" else None):
             logits = self.lm_head(self.norm(x)).float()
