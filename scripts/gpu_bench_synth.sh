@@ -12,7 +12,8 @@
 # mode survives). Output in $OUT (at most 8 files): script.log (environment and elapsed time per phase),
 # smoke.log, bench_7b.{log,json}, bench_13b.{log,json}, peer_7b.{log,json}.
 #
-# Device call (from the repository root):  OUT=$OUT bash scripts/gpu_bench_synth.sh
+# Device call (from the repository root):  POWERINFER_COMMIT=<local git HEAD> OUT=$OUT bash scripts/gpu_bench_synth.sh
+# (the copied tree's git HEAD may be stale; bench records POWERINFER_COMMIT as the commit).
 # Knobs: BUDGET_S (whole script, default 560), SMOKE_S (smoke step, default 150), GEN_TOKENS (128), REPEATS (2), THREADS (16), PEER (0),
 # STEPS (which of "smoke 7b 13b peer" to run, default all). The peer needs accelerate: carry its wheel (+ psutil) in .whl/.
 set -uo pipefail

@@ -179,6 +179,24 @@ def test_a_gate_threshold_needs_a_relu_family_activation():
         sparse_gate_up(x, w_gate, w_up, torch.arange(4), "silu", threshold=0.1)
 
 
+def test_bound_masked_ffn_falls_back_to_the_reference():
+    """Without a kernel for the operands (use_kernel=False; float64 input) the bound operator is the reference,
+    with the same interface: count, out, k."""
+    from powerinfer.kernels import bind_masked_ffn
+
+    x, (w_gate, w_up, w_down_t) = make_ffn(D, N_FF, 2, seed=3)
+    mask = torch.rand(N_FF, generator=torch.Generator().manual_seed(1)) < 0.2
+    want, want_k = masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, "silu")
+    op = bind_masked_ffn(w_gate, w_up, w_down_t, "silu", use_kernel=False)
+    out = torch.empty(2, D)
+    y, k = op(x, mask, out)
+    assert y is out and k == want_k == op.count(mask)
+    torch.testing.assert_close(y, want)
+    w64 = [w.double() for w in (w_gate, w_up, w_down_t)]
+    y64, _ = bind_masked_ffn(*w64, "silu", input_dtype=torch.float64)(x.double(), mask)
+    torch.testing.assert_close(y64.float(), want, **F32_TOL)
+
+
 def test_masked_ffn_rejects_a_bad_mask():
     x, (w_gate, w_up, w_down_t) = make_ffn(D, N_FF, 1, seed=0)
     for mask in (torch.zeros(N_FF), torch.zeros(N_FF + 1, dtype=torch.bool)):

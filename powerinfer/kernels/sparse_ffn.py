@@ -249,24 +249,29 @@ def masked_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
 def bind_masked_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, activation: str, *,
                     threshold: float = 0.0, use_kernel: bool | None = None,
                     input_dtype: torch.dtype = torch.float32):
-    """`masked_ffn` with its weights fixed: a callable (x, mask, out=None) -> (y, k) that makes its checks
-    and weight views once (a decode step calls it once per layer), with `count(mask)` -> k. `mask` must be a contiguous [n_ff] bool
-    tensor; `x` of `input_dtype` (the CPU kernel takes float32)."""
+    """`masked_ffn` with its weights fixed, for a decode step's every layer: a callable
+    (x, mask, out=None) -> (y, k) whose checks and weight views are made once, and `count(mask)` -> k.
+    `mask` must be a contiguous [n_ff] bool tensor, `x` of `input_dtype` (the CPU kernel takes float32)."""
     _check_operands(w_gate.new_empty(0, w_gate.shape[1]), (w_gate, w_up, w_down_t), None, w_gate.shape[1])
     check_gate_threshold(activation, threshold)
     probe = torch.empty(0, device=w_gate.device, dtype=input_dtype)
     if select_backend(probe, w_gate, w_up, w_down_t, use_kernel=use_kernel) == "numba":
         return _cpu_kernels.MaskedFFN(w_gate, w_up, w_down_t, activation, threshold)
+    return _ReferenceMaskedFFN(w_gate, w_up, w_down_t, activation, threshold)
 
-    class Reference:
-        @staticmethod
-        def count(mask):
-            return int(mask.sum())
 
-        def __call__(self, x, mask, out=None):
-            y, k = masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold)
-            return (y if out is None else out.copy_(y)), k
-    return Reference()
+class _ReferenceMaskedFFN:
+    def __init__(self, *weights_activation_threshold):
+        self._operands = weights_activation_threshold
+
+    @staticmethod
+    def count(mask: torch.Tensor) -> int:
+        return int(mask.sum())
+
+    def __call__(self, x, mask, out=None):
+        w_gate, w_up, w_down_t, activation, threshold = self._operands
+        y, k = masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold)
+        return (y if out is None else out.copy_(y)), k
 
 
 def compact_active_reference(mask: torch.Tensor, idx_out: torch.Tensor, count_out: torch.Tensor) -> None:
