@@ -201,6 +201,37 @@ def test_manifest_records_strategy_placement_and_checksums(artifact, manifest):
     assert placement["vram_budget_bytes"] == int(0.008 * GiB) and len(placement["layers"]) == 4
 
 
+def test_cpu_build_times_the_strategies_within_budget_and_picks_the_fastest(manifest):
+    """A CPU build (choose-by auto) times every point within the quality budget; the chosen one is the fastest
+    up to the tie margin, and among those the one reading the fewest FFN bytes."""
+    from powerinfer.offline.evaluate import TIME_TIE
+
+    strategy = manifest["strategy"]
+    assert strategy["chosen_by"].startswith("measured FFN decode time")
+    timed = [p for p in strategy["curve"] if p["ffn_ms_per_token"] is not None]
+    budget = [p for p in strategy["curve"] if p["ppl_increase_upper"] <= 0.02 or p["strategy"] == "dense"]
+    assert timed == budget and all(p["ffn_ms_per_token"] > 0 for p in timed)
+    fastest = min(p["ffn_ms_per_token"] for p in timed)
+    assert strategy["ffn_ms_per_token"] <= fastest * (1 + TIME_TIE)
+    assert strategy["relative_ffn_bytes"] == min(p["relative_ffn_bytes"] for p in timed
+                                                 if p["ffn_ms_per_token"] <= fastest * (1 + TIME_TIE))
+
+
+def test_choose_strategy_by_time_and_by_bytes():
+    from powerinfer.offline.evaluate import CurvePoint, choose_strategy
+
+    def point(strategy, cost, ms, upper=0.0):
+        return CurvePoint(strategy, None, 1 - cost, 10.0, upper, upper, cost, ms)
+
+    dense, slow_sparse, over_budget = point("dense", 1.0, 1.0), point("exact-sparse-down", 0.6, 1.2), \
+        point("predictor", 0.1, 0.1, upper=0.5)
+    assert choose_strategy([dense, slow_sparse, over_budget], 0.02) is dense  # fewer bytes, but slower
+    near = point("predictor", 0.3, 1.02)
+    assert choose_strategy([dense, near], 0.02) is near  # within the tie margin: fewer bytes
+    untimed = [point("dense", 1.0, None), point("exact-sparse-down", 0.6, None)]
+    assert choose_strategy(untimed, 0.02) is untimed[1]  # no times: bytes
+
+
 def test_corrupted_file_is_a_checksum_error(artifact, tmp_path):
     copy = _copy(artifact, tmp_path)
     data = bytearray((copy / "predictors.safetensors").read_bytes())
@@ -343,7 +374,8 @@ def test_predicted_sparse_ffn_masks_h():
 def test_tiny_relu_model_pipeline(tiny_relu_model, tmp_path, capsys):
     out = tmp_path / "tiny.pi"
     assert main(["build", "--model", str(tiny_relu_model), "--data", str(CALIBRATION), "--tokens", "8192",
-                 "--vram-budget", "0.05", "--ctx", "512", "--device", "cpu", "-o", str(out)]) == 0
+                 "--vram-budget", "0.05", "--ctx", "512", "--device", "cpu", "--choose-by", "bytes",
+                 "-o", str(out)]) == 0
     capsys.readouterr()
     assert main(["eval", "--model", str(out), "--data", str(EVALUATION), "--tokens", "8192", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -33,6 +33,11 @@ def add_arguments(p) -> None:
                    help="predictor recall target on held-out tokens (default: 0.95)")
     p.add_argument("--max-ppl-increase", type=non_negative_float, default=0.02,
                    help="largest relative perplexity increase the sparse FFN may cost (default: 0.02)")
+    p.add_argument("--choose-by", choices=["auto", "time", "bytes"], default="auto",
+                   help="how the fastest strategy within the quality budget is found: its measured FFN decode "
+                        "time on this CPU (time), its FFN bytes per token (bytes), or auto: time for a CPU "
+                        "build, bytes for a CUDA one (default: auto; use bytes for an artifact meant for a GPU "
+                        "machine)")
     p.add_argument("--keep-massive", type=int, default=4,
                    help="per layer, neurons with the largest |h| that are always computed (default: 4)")
     p.add_argument("--sparsity-levels", type=sparsity_levels, default=DEFAULT_SPARSITY_LEVELS,
@@ -56,6 +61,7 @@ def run(args) -> int:
         keep_massive=args.keep_massive, sparsity_levels=args.sparsity_levels, ctx=args.ctx,
         gpu_dtype=args.gpu_dtype, cpu_dtype=args.cpu_dtype, weights_dtype=args.weights_dtype,
         neuron_batch=args.neuron_batch, min_layer_fraction=args.min_layer_fraction, device=device,
+        choose_by=args.choose_by,
         seed=args.seed, force=args.force, progress=True, log=sys.stderr)
     print_build_summary(build_artifact(opts))
     return 0

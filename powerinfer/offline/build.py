@@ -6,7 +6,8 @@ is an approximation, so every strategy's operating points — predictor-driven a
 exact gate/up with a sparse down at several sparsity levels (the largest-|h| "massive" neurons always
 kept), and dense — are run on held-out calibration tokens, and the cheapest one (FFN bytes read per
 token) whose perplexity increase is within `max_ppl_increase` with 95% confidence (over the held-out
-windows) is chosen; dense is a valid answer. The chosen strategy and the whole
+windows) is chosen; dense is a valid answer. On a CPU build "cheapest" is the measured FFN decode time
+(`offline.speed`: per-layer work can outweigh the bytes saved there). The chosen strategy and the whole
 measured curve go into the manifest.
 """
 
@@ -23,12 +24,13 @@ from powerinfer.errors import PowerInferError
 from powerinfer.loading import load_model
 from powerinfer.loading.artifact import source_fingerprint, write_artifact
 from powerinfer.models.llama import to_hf_weights
-from powerinfer.offline.evaluate import choose_strategy, h_quantile_thresholds, measure_curve
+from powerinfer.offline.evaluate import choose_strategy, h_quantile_thresholds, measure_curve, within_budget
 from powerinfer.offline.placement import (GiB, check_vram_budget, plan_placement, relative_ffn_bytes,
                                          required_gpu_bytes)
 from powerinfer.offline.predictors import recall_targets, train_predictors
 from powerinfer.offline.profile import (EXACT_ZERO_ACTIVATIONS, generate_calibration_tokens, hot_first_order,
                                         profile_model, read_text_file, split_windows, tokenize_text)
+from powerinfer.offline.speed import time_strategies
 
 DEFAULT_SPARSITY_LEVELS = (0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
 MIN_CALIBRATION_TOKENS = 64
@@ -56,6 +58,7 @@ class BuildOptions:
     neuron_batch: int = 64
     min_layer_fraction: float = 0.125
     device: str = "cpu"
+    choose_by: str = "auto"  # the strategy's speed measure: "time" (CPU decode), "bytes", or "auto" (time on CPU)
     seed: int = 0
     force: bool = False
     progress: bool = False
@@ -127,6 +130,12 @@ def build_artifact(opts: BuildOptions) -> dict:
     ppl_dense, curve = _measure_reordered(model, orders, split_windows(holdout_tokens, opts.window), profile,
                                           reordered, reports, recall_targets(opts.recall), h_thresholds, levels,
                                           n_always_active, predictor_fraction, opts.progress)
+    chosen_by = opts.choose_by if opts.choose_by != "auto" else ("time" if opts.device == "cpu" else "bytes")
+    if chosen_by == "time":  # the CPU decode's own speed, where per-layer work can outweigh bytes (offline.speed)
+        time_strategies(model, orders, within_budget(curve, opts.max_ppl_increase), profile.inputs,
+                        predictors=reordered, predictor_thresholds=[r.thresholds for r in reports],
+                        h_thresholds=h_thresholds, active_thresholds=[layer.active_threshold for layer in profile.layers],
+                        n_always_active=n_always_active)
     chosen = choose_strategy(curve, opts.max_ppl_increase)
     t = stage("strategy", t)
 
@@ -155,7 +164,8 @@ def build_artifact(opts: BuildOptions) -> dict:
                  predictor_fraction=predictor_fraction, seconds=seconds)
     strategy = {"name": chosen.strategy, "parameter": chosen.parameter, "ffn_sparsity": chosen.ffn_sparsity,
                 "ppl_increase": chosen.ppl_increase, "ppl_increase_upper": chosen.ppl_increase_upper,
-                "relative_ffn_bytes": chosen.relative_ffn_bytes,
+                "relative_ffn_bytes": chosen.relative_ffn_bytes, "ffn_ms_per_token": chosen.ffn_ms_per_token,
+                "chosen_by": ("measured FFN decode time, CPU" if chosen_by == "time" else "FFN bytes per token"),
                 "max_ppl_increase": opts.max_ppl_increase, "ppl_dense_holdout": ppl_dense,
                 "holdout_tokens": len(holdout_tokens), "curve": [p.to_json() for p in curve]}
     checkpoint = loaded.checkpoint
@@ -314,7 +324,9 @@ def print_build_summary(result: dict, file=sys.stdout) -> None:
     print(f"chosen strategy: {s['name']}" + (f" ({s['parameter']})" if s["parameter"] is not None else "")
           + f", FFN sparsity {s['ffn_sparsity']:.3f}, ppl {100 * s['ppl_increase']:+.2f}% "
           f"(95% bound {100 * s['ppl_increase_upper']:+.2f}%, budget +{100 * s['max_ppl_increase']:.2f}%), "
-          f"FFN bytes/token x{s['relative_ffn_bytes']:.3f}",
+          f"FFN bytes/token x{s['relative_ffn_bytes']:.3f}"
+          + (f", FFN {s['ffn_ms_per_token']:.3f} ms/token" if s.get("ffn_ms_per_token") is not None else "")
+          + f"; chosen by {s.get('chosen_by', 'FFN bytes per token')}",
           file=file)
     print("\nplacement:", file=file)
     print(format_placement(result["placement"]), file=file)
@@ -324,10 +336,11 @@ def print_build_summary(result: dict, file=sys.stdout) -> None:
 
 def format_curve(curve: list[dict]) -> str:
     lines = [f"{'strategy':<18} {'param':>6} {'FFN sparsity':>12} {'ppl':>9} {'increase':>9} {'95% bound':>9} "
-             f"{'FFN bytes':>9}"]
+             f"{'FFN bytes':>9} {'FFN ms/tok':>10}"]
     for p in curve:
         param = "" if p["parameter"] is None else f"{p['parameter']:g}"
+        ms = p.get("ffn_ms_per_token")
         lines.append(f"{p['strategy']:<18} {param:>6} {p['ffn_sparsity']:>12.3f} {p['ppl']:>9.4f} "
                      f"{100 * p['ppl_increase']:>8.2f}% {100 * p['ppl_increase_upper']:>8.2f}% "
-                     f"{p['relative_ffn_bytes']:>9.3f}")
+                     f"{p['relative_ffn_bytes']:>9.3f} {'' if ms is None else f'{ms:.3f}':>10}")
     return "\n".join(lines)
