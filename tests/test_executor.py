@@ -145,26 +145,37 @@ def test_split_ffn_strategies_match_their_definition(strategy, n_hot):
         assert int(ffn.counts.hot) + ffn.counts.cold == int(keep.sum())
 
 
-@cuda
-@pytest.mark.cuda
-@pytest.mark.parametrize("ends_on_gpu", [True, False])
-def test_hybrid_graph_segments_equal_eager_decode(relu_model, ends_on_gpu):
-    """Decode through per-layer CUDA-graph segments (runtime.segments) == the eager hybrid step; covers a layer
-    all on the CPU (predictor in host memory), a split one, one all on the GPU, and embeddings/head either side."""
-    placement = {"layers": [{"n_gpu_neurons": n, "attention_on_gpu": True} for n in (0, 60, 203)],
-                 "embeddings_on_gpu": ends_on_gpu, "lm_head_on_gpu": ends_on_gpu}
-    ids = torch.randint(0, 256, (20,)).tolist()
+def _eager_and_segments(make_run, ids):
+    """Greedy logits and neuron shares of a prefill + decode, eager and through the CUDA-graph segments
+    (runtime.segments), each with a fresh executor from make_run()."""
     results = []
     for graphs in (False, True):
-        loaded = load_model(relu_model)
-        run = build_executor(loaded, "hybrid", "cuda", _oracles(loaded), placement, hot_dtype=torch.float32)
+        run = make_run()
         with torch.inference_mode():
             gen = Generator(run, context=64, cuda_graphs=graphs)
             assert gen.use_segments == graphs
             logits = [gen.prefill(ids[:7])]
             logits += [gen.decode_step(torch.tensor([t]), 7 + i) for i, t in enumerate(ids[7:])]
         results.append((torch.cat([x.cpu() for x in logits]), run.model.counts.shares()))
-    (eager, eager_shares), (segments, segment_shares) = results
+    return results
+
+
+def _hybrid_on_cuda(relu_model, placement):
+    loaded = load_model(relu_model)
+    return build_executor(loaded, "hybrid", "cuda", _oracles(loaded), placement, hot_dtype=torch.float32)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("ends_on_gpu", [True, False])
+def test_hybrid_graph_segments_equal_eager_decode(relu_model, ends_on_gpu):
+    """Decode through per-layer CUDA-graph segments == the eager hybrid step; covers a layer all on the CPU
+    (predictor in host memory), a split one, one all on the GPU, and embeddings/head either side."""
+    placement = {"layers": [{"n_gpu_neurons": n, "attention_on_gpu": True} for n in (0, 60, 203)],
+                 "embeddings_on_gpu": ends_on_gpu, "lm_head_on_gpu": ends_on_gpu}
+    ids = torch.randint(0, 256, (20,)).tolist()
+    (eager, eager_shares), (segments, segment_shares) = _eager_and_segments(
+        lambda: _hybrid_on_cuda(relu_model, placement), ids)
     torch.testing.assert_close(segments, eager, atol=1e-4, rtol=1e-4)
     assert segment_shares == pytest.approx(eager_shares)
 
@@ -175,22 +186,18 @@ def test_hybrid_graph_segments_equal_eager_decode(relu_model, ends_on_gpu):
 def test_graph_segments_with_cpu_layers_last_equal_eager_decode(relu_model, mode):
     """Layers kept in CPU memory after the GPU's (offload; hybrid with the last attention on the CPU) run
     eagerly after the GPU layers' graph segments: the same logits as the eager step."""
+    if mode.startswith("offload"):
+        def make_run():
+            return build_executor(load_model(relu_model), "offload", "cuda", offload_layers=int(mode[-1]),
+                                  hot_dtype=torch.float32)
+    else:
+        placement = {"layers": [{"n_gpu_neurons": n, "attention_on_gpu": i < 2} for i, n in enumerate((9, 60, 0))]}
+
+        def make_run():
+            return _hybrid_on_cuda(relu_model, placement)
     ids = torch.randint(0, 256, (20,)).tolist()
-    results = []
-    for graphs in (False, True):
-        loaded = load_model(relu_model)
-        if mode.startswith("offload"):
-            run = build_executor(loaded, "offload", "cuda", offload_layers=int(mode[-1]), hot_dtype=torch.float32)
-        else:
-            placement = {"layers": [{"n_gpu_neurons": n, "attention_on_gpu": i < 2} for i, n in enumerate((9, 60, 0))]}
-            run = build_executor(loaded, "hybrid", "cuda", _oracles(loaded), placement, hot_dtype=torch.float32)
-        with torch.inference_mode():
-            gen = Generator(run, context=64, cuda_graphs=graphs)
-            assert gen.use_segments == graphs
-            logits = [gen.prefill(ids[:7])]
-            logits += [gen.decode_step(torch.tensor([t]), 7 + i) for i, t in enumerate(ids[7:])]
-        results.append(torch.cat([x.cpu() for x in logits]))
-    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
+    (eager, _), (segments, _) = _eager_and_segments(make_run, ids)
+    torch.testing.assert_close(segments, eager, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode,n_hot", [("cpu", None), ("hybrid", [101, 7, 1])])
