@@ -134,7 +134,8 @@ def build_artifact(opts: BuildOptions) -> dict:
     if chosen_by == "time":  # the CPU decode's own speed, where per-layer work can outweigh bytes (offline.speed)
         time_strategies(model, orders, within_budget(curve, opts.max_ppl_increase), profile.inputs,
                         predictors=reordered, predictor_thresholds=[r.thresholds for r in reports],
-                        h_thresholds=h_thresholds, active_thresholds=[layer.active_threshold for layer in profile.layers],
+                        h_thresholds=h_thresholds,
+                        active_thresholds=[layer.active_threshold for layer in profile.layers],
                         n_always_active=n_always_active)
     chosen = choose_strategy(curve, opts.max_ppl_increase)
     t = stage("strategy", t)
