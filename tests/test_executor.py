@@ -238,8 +238,9 @@ def test_offload_with_bfloat16_cpu_rows_equals_dense_with_them_rounded(relu_mode
 @cuda
 @pytest.mark.cuda
 def test_cuda_offload_with_bfloat16_cpu_layers_equals_dense_with_them_rounded(relu_model):
-    """offload on a GPU: the CPU layers' attention and FFN matrices are bfloat16 (half the bytes, as llama.cpp's
-    float16 CPU layers), computed in float32: the dense model with those matrices rounded."""
+    """offload on a GPU: the CPU layers' attention and FFN matrices and the LM head (on the CPU with them) are
+    bfloat16 (half the bytes, as llama.cpp's float16 CPU layers), computed in float32: the dense model with
+    those matrices rounded."""
     ids = torch.randint(0, 256, (15,)).tolist()
     dense = load_model(relu_model)
     with torch.no_grad():
@@ -247,9 +248,12 @@ def test_cuda_offload_with_bfloat16_cpu_layers_equals_dense_with_them_rounded(re
             for w in (block.mlp.gate_up_proj.weight, block.mlp.down_proj.weight, block.self_attn.qkv_proj.weight,
                       block.self_attn.o_proj.weight):
                 w.copy_(w.to(torch.bfloat16).float())
+        head = dense.model.lm_head  # a new parameter: a tied embedding table stays float32, as in offload
+        head.weight = torch.nn.Parameter(head.weight.to(torch.bfloat16).float(), requires_grad=False)
     run = build_executor(load_model(relu_model), "offload", "cuda", offload_layers=1, hot_dtype=torch.float32,
                          cold_dtype=torch.bfloat16)
     assert run.model.attention_layers[1].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    assert run.model.lm_head.weight.dtype == torch.bfloat16 and run.model.lm_head.weight.device.type == "cpu"
     torch.testing.assert_close(_logits(run, ids).cpu(), _logits(dense, ids), atol=1e-3, rtol=1e-3)
 
 

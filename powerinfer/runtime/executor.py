@@ -55,7 +55,7 @@ class ExecutionPlan:
     layers: list[LayerPlan]
     embed_device: torch.device
     head_device: torch.device
-    # weight matrices in CPU memory (cold FFN rows; attention kept off the hot device): float32, or bfloat16
+    # weight matrices in CPU memory (cold FFN rows; attention and LM head kept off the hot device): float32, or bfloat16
     # (half the bytes to stream; the numba kernels widen each element)
     cold_dtype: torch.dtype = torch.float32
 
@@ -338,8 +338,10 @@ class HybridTransformer(nn.Module):
         self.embed_tokens = model.embed_tokens.to(plan.embed_device, plan.device_dtype(plan.embed_device))
         self.norm = model.norm.to(plan.head_device, plan.device_dtype(plan.head_device))
         self.lm_head = Linear(self.args.hidden_size, self.args.vocab_size, bias=False)
-        self.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().to(
-            plan.head_device, plan.device_dtype(plan.head_device)), requires_grad=False)
+        # off the hot device: the CPU weight dtype, like the attention matrices and FFN rows kept there
+        head_dtype = plan.hot_dtype if plan.head_device == plan.hot_device else plan.cold_dtype
+        self.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().to(plan.head_device, head_dtype),
+                                           requires_grad=False)
         self.attention_layers = nn.ModuleList()
         self.ffns = nn.ModuleList()
         for i, (block, layer) in enumerate(zip(model.layers, plan.layers)):
