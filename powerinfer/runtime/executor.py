@@ -63,6 +63,10 @@ class ExecutionPlan:
         # other CPU tensors stay float32: torch's CPU float16 kernels are slow, numba has no float16
         return self.hot_dtype if device == self.hot_device else torch.float32
 
+    def matrix_dtype(self, device: torch.device) -> torch.dtype:
+        """Of attention and LM-head weight matrices on `device`: off the hot device, the CPU weight dtype."""
+        return self.hot_dtype if device == self.hot_device else self.cold_dtype
+
 
 class NeuronCounts:
     """Active neurons computed on each side, summed over layers and tokens (for the summary line).
@@ -338,19 +342,16 @@ class HybridTransformer(nn.Module):
         self.embed_tokens = model.embed_tokens.to(plan.embed_device, plan.device_dtype(plan.embed_device))
         self.norm = model.norm.to(plan.head_device, plan.device_dtype(plan.head_device))
         self.lm_head = Linear(self.args.hidden_size, self.args.vocab_size, bias=False)
-        # off the hot device: the CPU weight dtype, like the attention matrices and FFN rows kept there
-        head_dtype = plan.hot_dtype if plan.head_device == plan.hot_device else plan.cold_dtype
-        self.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().to(plan.head_device, head_dtype),
-                                           requires_grad=False)
+        self.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().to(
+            plan.head_device, plan.matrix_dtype(plan.head_device)), requires_grad=False)
         self.attention_layers = nn.ModuleList()
         self.ffns = nn.ModuleList()
         for i, (block, layer) in enumerate(zip(model.layers, plan.layers)):
             dtype = plan.device_dtype(layer.attention_device)
             for name in ("input_layernorm", "self_attn", "post_attention_layernorm"):
                 getattr(block, name).to(layer.attention_device, dtype)
-            if layer.attention_device != plan.hot_device:  # kept in CPU memory: the CPU weight dtype, like FFN rows
-                for linear in (block.self_attn.qkv_proj, block.self_attn.o_proj):
-                    linear.weight.data = linear.weight.data.to(plan.cold_dtype)
+            for linear in (block.self_attn.qkv_proj, block.self_attn.o_proj):  # in CPU memory: like FFN rows
+                linear.weight.data = linear.weight.data.to(plan.matrix_dtype(layer.attention_device))
             mlp = block.mlp
             self.ffns.append(SplitFFN(mlp.gate_up_proj.weight.detach(), mlp.down_proj.weight.detach(),
                                       mlp.activation, layer, plan,
