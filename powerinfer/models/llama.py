@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from powerinfer.errors import UnsupportedModelError
-from powerinfer.kernels.activations import gated_activation
+from powerinfer.kernels.activations import check_gate_threshold, gated_activation
 from powerinfer.kernels.dense import linear
 
 ACTIVATIONS = ("silu", "relu", "drelu", "gelu_tanh")
@@ -67,9 +67,10 @@ class ModelArgs:
             raise UnsupportedModelError(
                 f"unsupported FFN activation {self.hidden_act!r} (supported: {', '.join(ACTIVATIONS)})")
         self.hidden_act = act
-        if self.relu_threshold and (act not in ("relu", "drelu") or self.relu_threshold < 0):
-            raise UnsupportedModelError(f"relu_threshold={self.relu_threshold} needs a relu/drelu FFN and a value "
-                                        f">= 0 (hidden_act is {act!r})")
+        try:
+            check_gate_threshold(act, self.relu_threshold)
+        except ValueError as e:
+            raise UnsupportedModelError(f"relu_threshold={self.relu_threshold}: {e}") from None
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
