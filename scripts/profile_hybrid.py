@@ -86,15 +86,19 @@ def main():
         report["eager_decode_ms"] = round(1e3 * decode(eager, prompt, args.steps), 3)
         del eager
         spent = defaultdict(float)
-        originals = {"_cold_forward": SplitFFN._cold_forward}
-        sync = torch.cuda.Event.synchronize
-        SplitFFN._cold_forward = wrap(spent, "cpu_cold_ffn", originals["_cold_forward"])
+        cold_forward, sync = SplitFFN._cold_forward, torch.cuda.Event.synchronize
+        segments = gen._segments.layers if gen._segments is not None else []
+        SplitFFN._cold_forward = wrap(spent, "cpu_cold_ffn", cold_forward)  # eager steps
+        if segments:  # bound calls that bypass _cold_forward
+            gen._segments.layers = [(a, b, cold and wrap(spent, "cpu_cold_ffn", cold)) for a, b, cold in segments]
         torch.cuda.Event.synchronize = wrap(spent, "host_waits_for_gpu", sync)
         try:
             wall = decode(gen, prompt, args.steps, after_prefill=spent.clear)
         finally:
-            SplitFFN._cold_forward = originals["_cold_forward"]
+            SplitFFN._cold_forward = cold_forward
             torch.cuda.Event.synchronize = sync
+            if segments:
+                gen._segments.layers = segments
         split = {k: round(1e3 * v / args.steps, 3) for k, v in spent.items()}
         split["rest_python_launch_staging"] = round(1e3 * wall - sum(split.values()), 3)
         report["wrapped_decode_ms"] = round(1e3 * wall, 3)

@@ -40,6 +40,7 @@ on 2 cores); sleeping at once, every kernel pays the wake-up. `import powerinfer
 torch) sets a bounded spin, GOMP_SPINCOUNT=100000 (see powerinfer/__init__.py).
 """
 
+import functools
 import math
 import types
 
@@ -355,70 +356,50 @@ _masked_ffn_kernel_serial = _serial_variant(_masked_ffn_kernel)
 
 
 class MaskedFFN:
-    """`masked_ffn` over fixed weights, for a decode step's every layer. The weights' array views, the
-    activation code and the partial-sum scratch are made once, and so are the views of pinned buffers (the
-    executor passes the same pinned x, mask and output every step), so a call costs the kernel and little
-    more: the free function's per-call conversions and checks cost ~20 us on the H100 host's CPU, a
-    seventh of a 7B layer's cold FFN."""
-
-    _MAX_VIEWS = 16  # pinned buffers seen; beyond, the cache starts over
+    """`masked_ffn` over fixed weights, for a decode step's every layer: the weights' array views, the
+    activation code and the partial-sum scratch are made once. `bind` goes further for the executor's pinned
+    buffers, refilled every step: their views and checks are made once too, so a call costs the kernel and
+    little more (the per-call conversions and checks cost ~20 us on the H100 host's CPU, a seventh of a 7B
+    layer's cold FFN)."""
 
     def __init__(self, w_gate, w_up, w_down_t, activation: str, threshold: float = 0.0):
         self.weights = tuple(_weight_array(w) for w in (w_gate, w_up, w_down_t))
         self.code, self.threshold = activation_code(activation), np.float32(threshold)
         self.neuron_bytes = 3 * self.weights[2].shape[1] * self.weights[2].itemsize
         self._partial = np.zeros((0, 0, 0), np.float32)
-        self._views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
 
-    def _view(self, t: torch.Tensor, convert) -> np.ndarray:
-        """convert(t), an array sharing t's memory; remembered for pinned t (the entry holds t, so its id is
-        not reused while it is there)."""
-        hit = self._views.get(id(t))
-        if hit is not None and hit[0] is t:
-            return hit[1]
-        array = convert(t)
-        if self._recurring(t):
-            if len(self._views) >= self._MAX_VIEWS:
-                self._views.clear()
-            self._views[id(t)] = (t, array)
-        return array
-
-    @staticmethod
-    def _recurring(t: torch.Tensor) -> bool:
-        return t.is_pinned()  # the executor's staging buffers
-
-    def _mask(self, mask: torch.Tensor) -> np.ndarray:
-        array = mask.detach().numpy()
-        if array.dtype != np.bool_ or array.shape != self.weights[0].shape[:1] or not array.flags.c_contiguous:
-            raise ValueError(f"mask must be a contiguous [{self.weights[0].shape[0]}] bool tensor")
-        return array
+    def _arrays(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> tuple[np.ndarray, ...]:
+        n_ff, d = self.weights[0].shape[0], self.weights[2].shape[1]
+        if x.dim() != 2 or x.shape[1] != d:
+            raise ValueError(f"x must be [T, {d}], got {tuple(x.shape)}")
+        mask_np = mask.detach().numpy()
+        if mask_np.dtype != np.bool_ or mask_np.shape != (n_ff,) or not mask_np.flags.c_contiguous:
+            raise ValueError(f"mask must be a contiguous [{n_ff}] bool tensor")
+        x_np = x.detach().numpy() if x.dtype == torch.float32 and x.is_contiguous() else _float32_array(x)
+        return x_np, mask_np, _output(out, (x.shape[0], d)).numpy()
 
     def count(self, mask: torch.Tensor) -> int:
         """How many neurons `mask` sets."""
-        return int(np.count_nonzero(self._view(mask, self._mask)))
+        return int(torch.count_nonzero(mask))
+
+    def _run(self, x: np.ndarray, mask: np.ndarray, out: np.ndarray) -> int:
+        k = int(np.count_nonzero(mask))
+        tasks = 1 if _serial(self.neuron_bytes * k) else numba.get_num_threads()
+        if self._partial.shape[0] < tasks or self._partial.shape[1] != x.shape[0]:
+            self._partial = np.zeros((numba.config.NUMBA_NUM_THREADS, *out.shape), np.float32)
+        kernel = _masked_ffn_kernel_serial if tasks == 1 else _masked_ffn_kernel
+        kernel(x, *self.weights, mask, self.code, self.threshold, self._partial[:tasks], out)
+        return k
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, int]:
         """(y[T, d], k) for x [T, d] and a contiguous bool mask [n_ff] (`out`: where to write y)."""
-        d = self.weights[2].shape[1]
-        if x.dim() != 2 or x.shape[1] != d:
-            raise ValueError(f"x must be [T, {d}], got {tuple(x.shape)}")
-        shape = (x.shape[0], d)
-        mask_np = self._view(mask, self._mask)
-        out = torch.empty(shape, dtype=torch.float32) if out is None else out
-        out_np = self._view(out, lambda t: _output(t, shape).numpy())
-        if out_np.shape != shape:
-            raise ValueError(f"out has shape {out_np.shape}, expected {shape}")
-        if x.dtype == torch.float32 and x.is_contiguous():
-            x_np = self._view(x, lambda t: t.detach().numpy())
-        else:
-            x_np = _float32_array(x)
-        tasks = 1 if _serial(self.neuron_bytes * int(np.count_nonzero(mask_np))) else numba.get_num_threads()
-        if self._partial.shape[0] < tasks or self._partial.shape[1] != shape[0]:
-            self._partial = np.zeros((tasks, *shape), np.float32)
-        kernel = _masked_ffn_kernel_serial if tasks == 1 else _masked_ffn_kernel
-        k = kernel(x_np, *self.weights, mask_np, self.code, self.threshold, self._partial[:tasks], out_np)
-        return out, int(k)
+        out = torch.empty((x.shape[0], self.weights[2].shape[1]), dtype=torch.float32) if out is None else out
+        return out, self._run(*self._arrays(x, mask, out))
+
+    def bind(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor):
+        """A call without arguments that computes y into `out` from what x and mask hold then, and returns k."""
+        return functools.partial(self._run, *self._arrays(x, mask, out))
 
 
 def masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, *, threshold: float = 0.0,

@@ -250,7 +250,9 @@ def bind_masked_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Te
                     threshold: float = 0.0, use_kernel: bool | None = None,
                     input_dtype: torch.dtype = torch.float32):
     """`masked_ffn` with its weights fixed, for a decode step's every layer: a callable
-    (x, mask, out=None) -> (y, k) whose checks and weight views are made once, and `count(mask)` -> k.
+    (x, mask, out=None) -> (y, k) whose checks and weight views are made once, `count(mask)` -> k, and
+    `bind(x, mask, out)` -> a call without arguments computing y into `out` from what x and mask hold then,
+    returning k (for buffers refilled every step: their checks are made once too).
     `mask` must be a contiguous [n_ff] bool tensor, `x` of `input_dtype` (the CPU kernel takes float32)."""
     _check_operands(w_gate.new_empty(0, w_gate.shape[1]), (w_gate, w_up, w_down_t), None, w_gate.shape[1])
     check_gate_threshold(activation, threshold)
@@ -272,6 +274,9 @@ class _ReferenceMaskedFFN:
         w_gate, w_up, w_down_t, activation, threshold = self._operands
         y, k = masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold)
         return (y if out is None else out.copy_(y)), k
+
+    def bind(self, x, mask, out):
+        return lambda: self(x, mask, out)[1]
 
 
 def compact_active_reference(mask: torch.Tensor, idx_out: torch.Tensor, count_out: torch.Tensor) -> None:

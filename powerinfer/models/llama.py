@@ -23,6 +23,7 @@ from torch import nn
 from powerinfer.errors import UnsupportedModelError
 from powerinfer.kernels.activations import check_gate_threshold, gated_activation
 from powerinfer.kernels.dense import linear
+from powerinfer.kernels.fused import add_rms_norm, rms_norm, rotary_qkv
 
 ACTIVATIONS = ("silu", "relu", "drelu", "gelu_tanh")
 # Hugging Face `hidden_act` spellings of the four activations.
@@ -139,13 +140,6 @@ def rope_inverse_frequencies(args: ModelArgs) -> torch.Tensor:
     return inv_freq.float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, D]; cos/sin: [T, D/2]. Rotate-half layout: pairs are (i, i + D/2).
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
-
-
 def ffn_activation(gate: torch.Tensor, up: torch.Tensor, kind: str, threshold: float = 0.0) -> torch.Tensor:
     """h = act(gate) * up — the per-neuron value whose zeros PowerInfer skips (`threshold`: FATReLU)."""
     return gated_activation(gate, up, kind, threshold)
@@ -158,9 +152,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_then_norm(self, x: torch.Tensor, *deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + deltas, its norm): a residual add and this norm (one kernel on CUDA)."""
+        return add_rms_norm(x, deltas, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
@@ -182,18 +178,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, positions, cache, mask):
         batch, seq, _ = x.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = rotary_qkv(self.qkv_proj(x), cos, sin, self.n_heads, self.n_kv_heads)
         if cache is not None:
             k, v = cache.update(self.layer_idx, positions, k, v)
         if mask is None:  # no cache, or the tokens fill the cache window: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, q_size))
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -219,8 +211,9 @@ class Block(nn.Module):
         self.mlp = FeedForward(args)
 
     def forward(self, x, cos, sin, positions, cache, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attention = self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, mask)
+        x, normed = self.post_attention_layernorm.add_then_norm(x, attention)
+        return x + self.mlp(normed)
 
 
 class Transformer(nn.Module):

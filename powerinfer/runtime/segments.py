@@ -4,9 +4,9 @@ halves of every layer run at once and merge on the GPU).
 A hybrid step cannot be one CUDA graph: every layer waits for the CPU's cold neurons. Launched op by op
 from Python it spends about 1 ms per layer on launches (measured on an H100 host: 31 of a synthetic 7B
 token's 70 ms, scripts/profile_hybrid.py). So the step is cut where the CPU works. Per layer:
-- graph A: add the previous layer's FFN outputs (its CPU part copied in from pinned memory), attention,
-  the post-attention norm, the predictor, and the copies of the FFN input and the cold mask to pinned
-  memory;
+- graph A: add the previous layer's FFN outputs (its CPU part copied in from pinned memory) fused with the
+  first norm, attention, the residual add fused with the post-attention norm, the predictor, and the copies
+  of the FFN input and the cold mask to pinned memory;
 - graph B: the hot FFN.
 The host replays A, records an event, replays B (the GPU runs it while the CPU works), waits for the
 event, computes the cold FFN into the layer's pinned output buffer and moves on to the next layer's A,
@@ -60,8 +60,11 @@ class DecodeSegments:
             if ffn.hot is not None:
                 graph_b, y_hot = self._capture(ffn.hot_forward, flat, active)
             # owned here: a longer prompt may make the layer reallocate its own buffers after capture
-            staged = torch.zeros(flat.shape, dtype=torch.float32, pin_memory=True) if host_in is not None else None
-            self.layers.append((graph_a, graph_b, ffn, host_in, staged))
+            staged, cold = None, None
+            if host_in is not None:
+                staged = torch.zeros(flat.shape, dtype=torch.float32, pin_memory=True)
+                cold = ffn.bind_cold(*host_in, staged)
+            self.layers.append((graph_a, graph_b, cold))
             pending = (y_hot, staged)
         self.final, self.out = self._capture(self._final_part, x, pending)
 
@@ -71,25 +74,26 @@ class DecodeSegments:
             out = fn(*args)
         return graph, out
 
-    def _merge(self, x, pending):
-        """x plus the previous layer's FFN output (hot part, and the CPU part copied in from pinned memory)."""
+    def _outputs(self, pending) -> tuple:
+        """The previous layer's FFN outputs on the GPU: its hot part and its CPU part (from pinned memory)."""
         if pending is None:
-            return x
+            return ()
         y_hot, staged = pending
-        y = y_hot
+        outputs = () if y_hot is None else (y_hot,)
         if staged is not None:
-            y_cold = staged.to(x.device, non_blocking=True).to(x.dtype)
-            y = y_cold if y is None else y + y_cold
-        return x + y.view_as(x)
+            outputs += (staged.to(self.model.plan.hot_device, non_blocking=True),)
+        return outputs
 
     def _attention_part(self, block, ffn, x, pending):
         if self._rope is None:  # the first graph computes the rotary tables and mask for all layers
             angles = self.position.float()[:, None] * self.model.inv_freq[self.model.plan.hot_device][None, :]
             self._rope = (angles.cos(), angles.sin(), self.cache.attention_mask(self.position))
         cos, sin, mask = self._rope
-        x = self._merge(x, pending)
-        x = x + block.self_attn(block.input_layernorm(x), cos, sin, self.position, self.cache, mask)
-        flat = block.post_attention_layernorm(x).reshape(-1, x.shape[-1])
+        # the previous layer's residual add fused with this layer's first norm
+        x, normed = block.input_layernorm.add_then_norm(x, *self._outputs(pending))
+        attention = block.self_attn(normed, cos, sin, self.position, self.cache, mask)
+        x, normed = block.post_attention_layernorm.add_then_norm(x, attention)
+        flat = normed.reshape(-1, x.shape[-1])
         active = ffn.predict(flat) if ffn.predictor is not None and ffn.n_hot else None
         host_in = ffn.copy_to_host(flat, active) if ffn.cold is not None else None
         return x, flat, active, host_in
@@ -99,9 +103,12 @@ class DecodeSegments:
         return self.n_gpu_layers == len(self.model.ffns) and self.model.plan.head_device.type == "cuda"
 
     def _final_part(self, x, pending):
-        x = self._merge(x, pending)
+        outputs = self._outputs(pending)
         if self._logits_in_graph:
-            return self.model.lm_head(self.model.norm(x)).float()
+            x, normed = self.model.norm.add_then_norm(x, *outputs)
+            return self.model.lm_head(normed).float()
+        for y in outputs:  # the norm is in CPU memory, with the layers that follow
+            x = x + y.to(x.dtype).view_as(x)
         return x
 
     @torch.inference_mode()
@@ -111,9 +118,9 @@ class DecodeSegments:
         self.tokens.copy_(token.view(1, 1))
         self.position.fill_(position)
         self.x0.copy_(model.embed_tokens(self.tokens).to(self.x0.device, self.x0.dtype))
-        for graph_a, graph_b, ffn, host_in, staged in self.layers:
+        for graph_a, graph_b, cold in self.layers:
             graph_a.replay()
-            if host_in is None:  # every row of this layer on the GPU
+            if cold is None:  # every row of this layer on the GPU
                 if graph_b is not None:
                     graph_b.replay()
                 continue
@@ -126,7 +133,7 @@ class DecodeSegments:
                     t.mark("gpu")
             self._done.synchronize()
             with _cpu_time(t):
-                ffn.stage(*host_in, staged)
+                cold()
             if t is not None:
                 t.mark("idle")  # the stream waited for the CPU's part
         self.final.replay()

@@ -1,0 +1,90 @@
+"""The small elementwise steps of a decoder layer, fused: RMSNorm (with the residual add before it) and the
+rotary embedding of q and k. Plain-PyTorch references, Triton kernels (``triton_fused.py``) and dispatchers.
+
+At batch 1 these steps move a few KB each, but written as PyTorch ops they are ~30 kernels per layer
+(RMSNorm alone: cast, square, mean, add, rsqrt, two multiplies, cast), each a launch of a few microseconds
+even inside a CUDA graph: on an H100 they were about half of the ~128 us the GPU spent per layer on
+attention in a synthetic-7B hybrid step, whose weights take ~45 us to stream. Fused, they are three
+kernels. The references are the model's definitions (RMSNorm: Zhang & Sennrich 2019; rotary embedding in
+the rotate-half layout of Hugging Face `transformers`) and what runs on the CPU and under autograd.
+"""
+
+import torch
+
+from powerinfer.kernels.sparse_ffn import _triton_available
+
+
+def _triton():
+    from powerinfer.kernels import triton_fused  # imports triton: only once a CUDA tensor comes
+
+    return triton_fused
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    # no backward in the Triton kernels: training (relufy, predictors) keeps the reference
+    return x.is_cuda and not torch.is_grad_enabled() and _triton_available()
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def add_rms_norm_reference(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, eps: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    if deltas:
+        delta = deltas[0].to(x.dtype)
+        for more in deltas[1:]:
+            delta = delta + more.to(x.dtype)
+        x = x + delta.view_as(x)
+    return x, rms_norm_reference(x, weight, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / rms(x) over the last dimension, computed in float32 (one kernel on CUDA)."""
+    if _use_triton(x):
+        return _triton().add_rms_norm(x, (), weight, eps)[1]
+    return rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + the deltas, its RMSNorm): a residual add and the next norm, in one kernel on CUDA. At most two
+    deltas, of x's shape (or its number of elements) and any float dtype (the executor's CPU part arrives as
+    float32)."""
+    if len(deltas) > 2:
+        raise ValueError("add_rms_norm takes at most two deltas")
+    for delta in deltas:
+        if delta.numel() != x.numel():
+            raise ValueError(f"a delta of {delta.numel()} elements does not match x {tuple(x.shape)}")
+    if _use_triton(x):
+        return _triton().add_rms_norm(x, deltas, weight, eps)
+    return add_rms_norm_reference(x, deltas, weight, eps)
+
+
+def rotary_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, seq, width = qkv.shape
+    head_dim = width // (n_heads + 2 * n_kv_heads)
+    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    q = _rotate(q.view(batch, seq, n_heads, head_dim).transpose(1, 2), cos, sin)
+    k = _rotate(k.view(batch, seq, n_kv_heads, head_dim).transpose(1, 2), cos, sin)
+    return q, k, v.view(batch, seq, n_kv_heads, head_dim).transpose(1, 2)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos/sin: [T, D/2]. Rotate-half layout: pairs are (i, i + D/2).
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [B, H, T, D] and k [B, KV, T, D] rotated, v [B, KV, T, D] (a view), from the fused projection
+    qkv [B, T, (H + 2 KV) D]; cos/sin: float32 [T, D/2]. One kernel for q and k on CUDA."""
+    if qkv.shape[-1] % (n_heads + 2 * n_kv_heads) or (qkv.shape[-1] // (n_heads + 2 * n_kv_heads)) % 2:
+        raise ValueError(f"qkv width {qkv.shape[-1]} is not (heads + 2 kv_heads) x an even head_dim")
+    if _use_triton(qkv):
+        return _triton().rotary_qkv(qkv, cos, sin, n_heads, n_kv_heads)
+    return rotary_qkv_reference(qkv, cos, sin, n_heads, n_kv_heads)

@@ -1,0 +1,129 @@
+"""Fused residual-add + RMSNorm and rotary embedding: references against the definitions, Triton against the
+references (odd widths, float16/bfloat16/float32, several tokens and heads)."""
+
+import math
+
+import pytest
+import torch
+
+from powerinfer.kernels import fused
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+
+def test_rms_norm_reference_is_the_definition():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 5, 37, generator=g), torch.randn(37, generator=g)
+    x64, w64 = x.double(), w.double()
+    expected = w64 * x64 / (x64.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-6).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_add_rms_norm_adds_every_delta_before_the_norm():
+    g = torch.Generator().manual_seed(1)
+    x, a, b, w = (torch.randn(2, 37, generator=g) for _ in range(4))
+    total, normed = fused.add_rms_norm(x, (a, b.reshape(1, 2, 37)), w[0], 1e-5)
+    torch.testing.assert_close(total, x + a + b)
+    torch.testing.assert_close(normed, fused.rms_norm(x + a + b, w[0], 1e-5))
+    same, normed_x = fused.add_rms_norm(x, (), w[0], 1e-5)
+    assert same is x and torch.equal(normed_x, fused.rms_norm(x, w[0], 1e-5))
+
+
+def test_add_rms_norm_rejects_bad_deltas():
+    x = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="at most two"):
+        fused.add_rms_norm(x, (x, x, x), torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="does not match"):
+        fused.add_rms_norm(x, (torch.zeros(3, 8),), torch.ones(8), 1e-5)
+
+
+def test_rotary_reference_rotates_each_pair_by_its_angle():
+    """Pair (i, i + D/2) of a head at position p turns by p * inv_freq[i], as a complex number."""
+    g = torch.Generator().manual_seed(2)
+    heads, kv_heads, head_dim, seq = 3, 1, 8, 4
+    qkv = torch.randn(2, seq, (heads + 2 * kv_heads) * head_dim, generator=g, dtype=torch.float64)
+    angles = torch.arange(seq, dtype=torch.float64)[:, None] * torch.rand(head_dim // 2, generator=g, dtype=torch.float64)
+    q, k, v = fused.rotary_qkv(qkv, angles.cos(), angles.sin(), heads, kv_heads)
+    per_head = qkv.view(2, seq, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+    for got, source in ((q, per_head[:, :heads]), (k, per_head[:, heads:heads + kv_heads])):
+        z = torch.complex(source[..., :head_dim // 2], source[..., head_dim // 2:]) * torch.polar(
+            torch.ones_like(angles), angles)
+        torch.testing.assert_close(got.double(), torch.cat([z.real, z.imag], dim=-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v, per_head[:, heads + kv_heads:])
+
+
+def test_rotary_rejects_a_width_that_is_not_heads_times_an_even_head_dim():
+    with pytest.raises(ValueError, match="head_dim"):
+        fused.rotary_qkv(torch.zeros(1, 1, 30), torch.zeros(1, 2), torch.zeros(1, 2), 2, 1)
+
+
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+             torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("width", [37, 576, 4096, 5120])
+@torch.inference_mode()
+def test_triton_add_rms_norm_equals_the_reference(dtype, width):
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(3, 1, width, generator=g).to("cuda", dtype)
+    w = (1 + torch.randn(width, generator=g) / 4).to("cuda", dtype)
+    hot = torch.randn(3, width, generator=g).to("cuda", dtype)
+    cold = torch.randn(3, width, generator=g).cuda()  # the CPU part arrives as float32
+    for deltas in ((), (hot,), (hot, cold)):
+        total, normed = fused.add_rms_norm(x, deltas, w, 1e-5)
+        ref_total, ref_normed = fused.add_rms_norm_reference(x, deltas, w, 1e-5)
+        assert total.dtype == ref_total.dtype and normed.dtype == ref_normed.dtype
+        torch.testing.assert_close(total, ref_total, **TOLERANCE[dtype])
+        torch.testing.assert_close(normed, ref_normed, **TOLERANCE[dtype])
+    # float32 weight with 16-bit activations promotes, as the reference's multiply does
+    normed32 = fused.rms_norm(x, w.float(), 1e-5)
+    assert normed32.dtype == torch.float32
+    torch.testing.assert_close(normed32, fused.rms_norm_reference(x, w.float(), 1e-5), **TOLERANCE[dtype])
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,seq", [(32, 32, 128, 1), (9, 3, 64, 7), (5, 1, 6, 3)])
+@torch.inference_mode()
+def test_triton_rotary_equals_the_reference(dtype, heads, kv_heads, head_dim, seq):
+    g = torch.Generator().manual_seed(heads * seq)
+    qkv = torch.randn(2, seq, (heads + 2 * kv_heads) * head_dim, generator=g).to("cuda", dtype)
+    angles = (torch.arange(seq)[:, None] + 100) * (1e4 ** -(torch.arange(head_dim // 2) / (head_dim // 2)))
+    cos, sin = angles.cos().cuda(), angles.sin().cuda()
+    for got, want in zip(fused.rotary_qkv(qkv, cos, sin, heads, kv_heads),
+                         fused.rotary_qkv_reference(qkv, cos, sin, heads, kv_heads)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+
+
+@pytest.mark.cuda
+@requires_cuda
+@torch.inference_mode()
+def test_fused_kernels_replay_in_a_cuda_graph():
+    width, heads = 4096, 32
+    x = torch.randn(1, 1, width, device="cuda", dtype=torch.float16)
+    delta = torch.randn(1, width, device="cuda")
+    w = torch.rand(width, device="cuda", dtype=torch.float16)
+    qkv = torch.randn(1, 1, 3 * width, device="cuda", dtype=torch.float16)
+    angle = torch.zeros(1, 64, device="cuda")
+
+    def step():
+        total, normed = fused.add_rms_norm(x, (delta,), w, 1e-5)
+        q, k, _ = fused.rotary_qkv(qkv * normed[..., :1], angle.cos(), angle.sin(), heads, heads)
+        return total, q
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    x.copy_(torch.randn_like(x))
+    angle.fill_(math.pi / 3)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(out, step()):
+        torch.testing.assert_close(got, want)
