@@ -2,15 +2,21 @@
 executor calls it, layer after layer (PowerInfer, arXiv 2312.12456, §5: the CPU computes the active cold
 neurons of every layer while the GPU computes the hot ones).
 
-A synthetic 7B hybrid step spends ~200 us per layer in the cold FFN for ~7.5 MB of active bfloat16 rows
-(benchmarks/results/hybrid_decode_cold_ffn_h100.json), where streaming them would take ~65 us. This times,
-per call, over --layers layers' own weights (so no call finds its rows in the cache):
-- `operator`: `kernels.cpu.MaskedFFN` with pinned x, mask and output, as the executor calls it;
-- `kernel`: the numba kernel on prepared arrays (what the operator adds is Python);
-- `operator_after_gap`: the operator after --gap-us of the host spinning, as it waits for the GPU's part
-  of the layer (the numba threads may have gone to sleep by then);
-- `fork_join`: an empty parallel region over the threads (the floor of any parallel call);
+A synthetic 7B hybrid step spends ~175-200 us per layer in the cold FFN for ~7.6 MB of active bfloat16 rows
+(scripts/profile_hybrid.py), where streaming them would take ~65 us. This times, per call, over --layers
+layers' own weights, each call with the next of --masks active sets of its layer written into the bound
+buffers first (as every decode step does; a fixed set would leave its rows in the 300 MB L3 of the H100
+host):
+- `bound`: `kernels.cpu.MaskedFFN.bind` over pinned buffers, as the executor calls it;
+- `kernel`: the numba kernel alone on the same arrays (what `bound` adds is Python);
+- `bound_after_gap`: `bound` after --gap-us of the host spinning, as it waits for the GPU's part of the
+  layer (the numba threads may have gone to sleep by then);
+- `bound_fixed_mask`: `bound` with one active set per layer (cache-warm, for comparison);
+- `fork_join`: an empty parallel region over the threads (the floor of any parallel call), and
+  `flatnonzero`: the kernel's serial scan of the mask;
 and reports each as GB/s of active-row bytes and % of the CPU streaming bandwidth measured in the same run.
+The active sets are drawn hot-first (neuron i active with probability falling as a power of i), as the
+artifact orders cold rows, or uniformly with --uniform.
 
     python benchmarks/bench_cold_ffn.py --threads 16 --json results/cold_ffn.json
 """
@@ -45,11 +51,13 @@ def spin(seconds: float) -> None:
 
 
 def per_call_us(calls, repeats: int, gap_s: float = 0.0) -> float:
-    """Median over `repeats` sweeps of the mean time of one call (each call timed alone when gap_s > 0)."""
+    """Median over `repeats` sweeps of the mean time of one call; each call is timed alone, after its
+    preparation (and `gap_s` of spinning)."""
     sweeps = []
     for _ in range(repeats + 1):
         spent = 0.0
-        for call in calls:
+        for prepare, call in calls:
+            prepare()
             if gap_s:
                 spin(gap_s)
             start = time.perf_counter()
@@ -67,49 +75,71 @@ def main():
     p.add_argument("--active", type=int, default=310, help="active cold neurons per layer and token")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--gap-us", type=float, default=130.0)
+    p.add_argument("--gap-us", type=float, default=100.0)
+    p.add_argument("--masks", type=int, default=8, help="active sets per layer, used in turn")
+    p.add_argument("--uniform", action="store_true", help="active sets drawn uniformly, not hot-first")
     p.add_argument("--json")
     args = p.parse_args()
     cpu.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     bandwidth = measure_bandwidths(cuda=False)["cpu_read"]
 
-    pin = torch.cuda.is_available()  # pinned, as the executor's buffers (MaskedFFN keeps their views)
+    pin = torch.cuda.is_available()  # pinned, as the executor's buffers
     g = torch.Generator().manual_seed(0)
+    rank = torch.arange(args.cold_rows, dtype=torch.float64)
+    weight = torch.ones_like(rank) if args.uniform else (rank + 50) ** -0.8  # hot-first
     layers = []
     for _ in range(args.layers):
         weights = [torch.randn(args.cold_rows, args.d, generator=g).to(torch.bfloat16) * 0.02 for _ in range(3)]
-        mask = torch.zeros(args.cold_rows, dtype=torch.bool, pin_memory=pin)
-        mask[torch.randperm(args.cold_rows, generator=g)[:args.active]] = True
-        x = torch.randn(1, args.d, generator=g).pin_memory() if pin else torch.randn(1, args.d, generator=g)
-        out = torch.zeros(1, args.d, pin_memory=pin)
-        layers.append((cpu.MaskedFFN(*weights, "relu"), x, mask, out))
+        masks = []
+        for _ in range(args.masks):
+            mask = torch.zeros(args.cold_rows, dtype=torch.bool)
+            mask[torch.multinomial(weight, args.active, generator=g)] = True
+            masks.append(mask)
+        x = torch.randn(1, args.d, generator=g)
+        x, mask, out = (t.pin_memory() if pin else t for t in (x, masks[0].clone(), torch.zeros(1, args.d)))
+        op = cpu.MaskedFFN(*weights, "relu")
+        layers.append((op, op.bind(x, mask, out), x, mask, out, masks))
     active_bytes = args.active * layers[0][0].neuron_bytes
 
-    def operator(layer):
-        op, x, mask, out = layer
-        return lambda: op(x, mask, out)
+    def calls(make, rotate=True):
+        """One call per layer, each first writing the layer's next active set into its mask buffer."""
+        made = []
+        for layer in layers:
+            run, mask, masks = make(layer), layer[3], layer[5]
+            state = {"i": 0}
+
+            def prepare(mask=mask, masks=masks, state=state):
+                if rotate:
+                    state["i"] = (state["i"] + 1) % len(masks)
+                    mask.copy_(masks[state["i"]])
+            made.append((prepare, run))
+        return made
 
     def kernel(layer):
-        op, x, mask, out = layer
+        op, _, x, mask, out, _ = layer
         partial = np.zeros((args.threads, 1, args.d), np.float32)
         arrays = (x.numpy(), *op.weights, mask.numpy(), op.code, op.threshold, partial, out.numpy())
         return lambda: cpu._masked_ffn_kernel(*arrays)
 
     scratch = np.zeros(args.threads)
+    mask_np = layers[0][3].numpy()
+    no_prepare = (lambda: None)
+    gap = args.gap_us / 1e6
     cases = {
-        "operator": (lambda: [operator(layer) for layer in layers], 0.0),
-        "kernel": (lambda: [kernel(layer) for layer in layers], 0.0),
-        "operator_after_gap": (lambda: [operator(layer) for layer in layers], args.gap_us / 1e6),
-        "fork_join": (lambda: [lambda: _fork_join(args.threads, scratch)] * args.layers, 0.0),
-        "fork_join_after_gap": (lambda: [lambda: _fork_join(args.threads, scratch)] * args.layers,
-                                args.gap_us / 1e6),
+        "bound": (calls(lambda layer: layer[1]), 0.0),
+        "kernel": (calls(kernel), 0.0),
+        "bound_after_gap": (calls(lambda layer: layer[1]), gap),
+        "bound_fixed_mask": (calls(lambda layer: layer[1], rotate=False), 0.0),
+        "fork_join": ([(no_prepare, lambda: _fork_join(args.threads, scratch))] * args.layers, 0.0),
+        "fork_join_after_gap": ([(no_prepare, lambda: _fork_join(args.threads, scratch))] * args.layers, gap),
+        "flatnonzero": ([(no_prepare, lambda: np.flatnonzero(mask_np))] * args.layers, 0.0),
     }
     results = {}
-    for name, (make, gap) in cases.items():
-        us = per_call_us(make(), args.repeats, gap)
+    for name, (made, gap) in cases.items():
+        us = per_call_us(made, args.repeats, gap)
         row = {"us_per_call": round(us, 1)}
-        if not name.startswith("fork_join"):
+        if name in ("bound", "kernel", "bound_after_gap", "bound_fixed_mask"):
             row["gb_s"] = round(active_bytes / us / 1e3, 1)
             row["pct_of_stream"] = round(100 * active_bytes / us / 1e3 / bandwidth, 1)
         results[name] = row
@@ -122,7 +152,8 @@ def main():
                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                   "numba_threading_layer": numba.threading_layer(),
                   "shape": {"d": args.d, "cold_rows": args.cold_rows, "active": args.active,
-                            "layers": args.layers, "dtype": "bfloat16"},
+                            "layers": args.layers, "masks_per_layer": args.masks,
+                            "distribution": "uniform" if args.uniform else "hot-first", "dtype": "bfloat16"},
                   "active_bytes_per_call": active_bytes, "cpu_stream_gb_s": bandwidth,
                   "ideal_us_per_call": round(ideal_us, 1), "results": results}
         with open(args.json, "w") as f:

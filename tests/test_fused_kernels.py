@@ -29,6 +29,16 @@ def test_add_rms_norm_adds_every_delta_before_the_norm():
     assert same is x and torch.equal(normed_x, fused.rms_norm(x, w[0], 1e-5))
 
 
+def test_add_rms_norm_copies_the_normed_rows_as_float32():
+    g = torch.Generator().manual_seed(3)
+    x, delta, w = torch.randn(2, 37, generator=g), torch.randn(2, 37, generator=g), torch.rand(37, generator=g)
+    copy = torch.full((2, 37), float("nan"))
+    _, normed = fused.add_rms_norm(x, (delta,), w, 1e-5, copy_to=copy)
+    assert torch.equal(copy, normed)
+    with pytest.raises(ValueError, match="float32"):
+        fused.add_rms_norm(x, (delta,), w, 1e-5, copy_to=copy.double())
+
+
 def test_add_rms_norm_rejects_bad_deltas():
     x = torch.zeros(2, 8)
     with pytest.raises(ValueError, match="at most two"):
@@ -78,6 +88,15 @@ def test_triton_add_rms_norm_equals_the_reference(dtype, width):
         assert total.dtype == ref_total.dtype and normed.dtype == ref_normed.dtype
         torch.testing.assert_close(total, ref_total, **TOLERANCE[dtype])
         torch.testing.assert_close(normed, ref_normed, **TOLERANCE[dtype])
+    # the CPU's part read from pinned memory, the FFN input written to it (zero-copy)
+    pinned_cold, copy = cold.cpu().pin_memory(), torch.full((3, width), float("nan")).pin_memory()
+    total, normed = fused.add_rms_norm(x, (hot, pinned_cold), w, 1e-5, copy_to=copy)
+    torch.cuda.synchronize()
+    ref_total, ref_normed = fused.add_rms_norm_reference(x, (hot, cold), w, 1e-5)
+    torch.testing.assert_close(total, ref_total, **TOLERANCE[dtype])
+    torch.testing.assert_close(copy, normed.float().cpu().view(3, width))
+    with pytest.raises(ValueError, match="pinned"):
+        fused.add_rms_norm(x, (cold.cpu(),), w, 1e-5)
     # float32 weight with 16-bit activations promotes, as the reference's multiply does
     normed32 = fused.rms_norm(x, w.float(), 1e-5)
     assert normed32.dtype == torch.float32

@@ -31,14 +31,17 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * normed.to(x.dtype)
 
 
-def add_rms_norm_reference(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, eps: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm_reference(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, eps: float,
+                           copy_to: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if deltas:
-        delta = deltas[0].to(x.dtype)
+        delta = deltas[0].to(x.device, x.dtype)
         for more in deltas[1:]:
-            delta = delta + more.to(x.dtype)
+            delta = delta + more.to(x.device, x.dtype)
         x = x + delta.view_as(x)
-    return x, rms_norm_reference(x, weight, eps)
+    normed = rms_norm_reference(x, weight, eps)
+    if copy_to is not None:
+        copy_to.copy_(normed.view(copy_to.shape))
+    return x, normed
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -48,19 +51,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_reference(x, weight, eps)
 
 
-def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + the deltas, its RMSNorm): a residual add and the next norm, in one kernel on CUDA. At most two
-    deltas, of x's shape (or its number of elements) and any float dtype (the executor's CPU part arrives as
-    float32)."""
+def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, eps: float,
+                 copy_to: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + the deltas, its RMSNorm): a residual add and the next norm, in one kernel on CUDA.
+
+    At most two deltas, of x's numel and any float dtype. `copy_to`: a float32 buffer that also gets the
+    normed rows. With x on CUDA, a delta or `copy_to` may be in pinned host memory: the kernel then reads or
+    writes it across PCIe itself (zero-copy), which inside a CUDA graph costs less than a copy node (a hybrid
+    step's CPU output comes in, and its FFN input goes out, this way)."""
     if len(deltas) > 2:
         raise ValueError("add_rms_norm takes at most two deltas")
-    for delta in deltas:
-        if delta.numel() != x.numel():
-            raise ValueError(f"a delta of {delta.numel()} elements does not match x {tuple(x.shape)}")
+    for t in (*deltas, *(() if copy_to is None else (copy_to,))):
+        if t.numel() != x.numel():
+            raise ValueError(f"a tensor of {t.numel()} elements does not match x {tuple(x.shape)}")
+        if x.is_cuda and not t.is_cuda and not t.is_pinned():
+            raise ValueError("with x on CUDA, host tensors must be in pinned memory")
+    if copy_to is not None and (copy_to.dtype != torch.float32 or not copy_to.is_contiguous()):
+        raise ValueError("copy_to must be a contiguous float32 tensor")
     if _use_triton(x):
-        return _triton().add_rms_norm(x, deltas, weight, eps)
-    return add_rms_norm_reference(x, deltas, weight, eps)
+        return _triton().add_rms_norm(x, deltas, weight, eps, copy_to)
+    return add_rms_norm_reference(x, deltas, weight, eps, copy_to)
 
 
 def rotary_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int

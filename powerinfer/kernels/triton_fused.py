@@ -1,6 +1,7 @@
 """Triton kernels for ``fused.py``: residual add + RMSNorm, and the rotary embedding of q and k.
 
-One program per row (token) for the norm, one per (token, head) for the rotation; every launch shape
+Pinned host tensors (a delta, the norm's float32 copy) are read and written in place through their
+device-mapped addresses. One program per row (token) for the norm, one per (token, head) for the rotation; every launch shape
 depends on the tensor shapes alone, so both run inside the CUDA graphs of a decode step. Arithmetic is
 float32 and rounds where the references round: the sum to x's dtype before it is normed, the normed row to
 x's dtype before the weight multiplies it.
@@ -12,8 +13,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, delta1_ptr, delta2_ptr, weight_ptr, sum_ptr, normed_ptr, width, eps,
-                         N_DELTAS: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, delta1_ptr, delta2_ptr, weight_ptr, sum_ptr, normed_ptr, copy_ptr, width, eps,
+                         N_DELTAS: tl.constexpr, COPY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < width
@@ -30,11 +31,14 @@ def _add_rms_norm_kernel(x_ptr, delta1_ptr, delta2_ptr, weight_ptr, sum_ptr, nor
     inverse_rms = tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)
     normed = (x * inverse_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(normed_ptr + offsets, (weight * normed).to(normed_ptr.dtype.element_ty), mask=inside)
+    normed = (weight * normed).to(normed_ptr.dtype.element_ty)
+    tl.store(normed_ptr + offsets, normed, mask=inside)
+    if COPY:
+        tl.store(copy_ptr + offsets, normed.to(tl.float32), mask=inside)
 
 
-def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, eps: float,
+                 copy_to: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     width = x.shape[-1]
     x = x.contiguous()
     deltas = tuple(d.contiguous() for d in deltas)
@@ -44,8 +48,9 @@ def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torc
     if rows:
         block = triton.next_power_of_2(width)
         _add_rms_norm_kernel[(rows,)](
-            x, deltas[0] if deltas else x, deltas[1] if len(deltas) > 1 else x, weight, total, normed, width, eps,
-            N_DELTAS=len(deltas), BLOCK=block, num_warps=min(16, max(1, block // 256)))
+            x, deltas[0] if deltas else x, deltas[1] if len(deltas) > 1 else x, weight, total, normed,
+            normed if copy_to is None else copy_to, width, eps,
+            N_DELTAS=len(deltas), COPY=copy_to is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
     return total, normed
 
 

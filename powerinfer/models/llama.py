@@ -154,9 +154,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
-    def add_then_norm(self, x: torch.Tensor, *deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + deltas, its norm): a residual add and this norm (one kernel on CUDA)."""
-        return add_rms_norm(x, deltas, self.weight, self.eps)
+    def add_then_norm(self, x: torch.Tensor, *deltas: torch.Tensor, copy_to: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + deltas, its norm): a residual add and this norm (one kernel on CUDA); see kernels.fused."""
+        return add_rms_norm(x, deltas, self.weight, self.eps, copy_to)
 
 
 class Linear(nn.Linear):

@@ -190,13 +190,19 @@ class SplitFFN(nn.Module):
         keep[:max(0, self.layer.n_always_active - first_row)] = True
         return keep
 
-    def copy_to_host(self, flat, active) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def pinned_input(self, shape) -> torch.Tensor:
+        """The pinned float32 buffer that receives the cold part's input x from the GPU."""
+        return self._pinned_buffer("x", shape, torch.float32)
+
+    def copy_to_host(self, flat, active, x_written: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The cold part's inputs (x float32, its slice of the predicted mask) in host memory; from the GPU
-        through pinned buffers, without waiting (the caller synchronises before reading them)."""
+        through pinned buffers, without waiting (the caller synchronises before reading them). `x_written`:
+        the kernel that computed x has already written it into `pinned_input`."""
         if not flat.is_cuda:
             return flat.float(), None if active is None else active[self.n_hot:]
-        x_host = self._pinned_buffer("x", flat.shape, torch.float32)
-        x_host.copy_(flat, non_blocking=True)
+        x_host = self.pinned_input(flat.shape)
+        if not x_written:
+            x_host.copy_(flat, non_blocking=True)
         mask_host = None
         if active is not None:
             mask_host = self._pinned_buffer("mask", (self.n_ff - self.n_hot,), torch.bool)

@@ -4,13 +4,15 @@ halves of every layer run at once and merge on the GPU).
 A hybrid step cannot be one CUDA graph: every layer waits for the CPU's cold neurons. Launched op by op
 from Python it spends about 1 ms per layer on launches (measured on an H100 host: 31 of a synthetic 7B
 token's 70 ms, scripts/profile_hybrid.py). So the step is cut where the CPU works. Per layer:
-- graph A: add the previous layer's FFN outputs (its CPU part copied in from pinned memory) fused with the
-  first norm, attention, the residual add fused with the post-attention norm, the predictor, and the copies
-  of the FFN input and the cold mask to pinned memory;
+- graph A: the previous layer's FFN outputs added and this layer's first norm (one kernel, reading the CPU
+  part from its pinned buffer in place), attention, the residual add and the post-attention norm (one
+  kernel, which also writes the FFN input into a pinned buffer for the CPU), the predictor, and the copy of
+  the cold mask to pinned memory;
 - graph B: the hot FFN.
 The host replays A, records an event, replays B (the GPU runs it while the CPU works), waits for the
 event, computes the cold FFN into the layer's pinned output buffer and moves on to the next layer's A,
-whose first copy reads that buffer. A last graph adds the last layer's outputs (and runs norm and lm_head).
+whose first kernel reads that buffer. (Zero-copy instead of copy nodes: an H100 graph replays a 16 KB
+host-to-device copy and an add in 11.2 us, one kernel reading pinned memory in 5.3 us.) A last graph adds the last layer's outputs (and runs norm and lm_head).
 Layers whose attention stays in CPU memory (offload's CPU layers, after its GPU layers) then run eagerly.
 Without graphs, offload's 20 GPU layers of a synthetic 7B took 16 ms per token on an H100 host (bench),
 where dense-gpu runs all 32 in 8 ms.
@@ -75,14 +77,11 @@ class DecodeSegments:
         return graph, out
 
     def _outputs(self, pending) -> tuple:
-        """The previous layer's FFN outputs on the GPU: its hot part and its CPU part (from pinned memory)."""
+        """The previous layer's FFN outputs: its hot part on the GPU and its CPU part in pinned memory."""
         if pending is None:
             return ()
         y_hot, staged = pending
-        outputs = () if y_hot is None else (y_hot,)
-        if staged is not None:
-            outputs += (staged.to(self.model.plan.hot_device, non_blocking=True),)
-        return outputs
+        return tuple(y for y in (y_hot, staged) if y is not None)  # staged: read in place by the kernel
 
     def _attention_part(self, block, ffn, x, pending):
         if self._rope is None:  # the first graph computes the rotary tables and mask for all layers
@@ -92,10 +91,12 @@ class DecodeSegments:
         # the previous layer's residual add fused with this layer's first norm
         x, normed = block.input_layernorm.add_then_norm(x, *self._outputs(pending))
         attention = block.self_attn(normed, cos, sin, self.position, self.cache, mask)
-        x, normed = block.post_attention_layernorm.add_then_norm(x, attention)
+        # the norm's kernel also writes the CPU part's input straight into its pinned buffer
+        x_host = ffn.pinned_input((x.numel() // x.shape[-1], x.shape[-1])) if ffn.cold is not None else None
+        x, normed = block.post_attention_layernorm.add_then_norm(x, attention, copy_to=x_host)
         flat = normed.reshape(-1, x.shape[-1])
         active = ffn.predict(flat) if ffn.predictor is not None and ffn.n_hot else None
-        host_in = ffn.copy_to_host(flat, active) if ffn.cold is not None else None
+        host_in = ffn.copy_to_host(flat, active, x_written=True) if ffn.cold is not None else None
         return x, flat, active, host_in
 
     @property
