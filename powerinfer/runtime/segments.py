@@ -109,7 +109,7 @@ class DecodeSegments:
             x, normed = self.model.norm.add_then_norm(x, *outputs)
             return self.model.lm_head(normed).float()
         for y in outputs:  # the norm is in CPU memory, with the layers that follow
-            x = x + y.to(x.dtype).view_as(x)
+            x = x + y.to(x.device, x.dtype, non_blocking=True).view_as(x)
         return x
 
     @torch.inference_mode()
