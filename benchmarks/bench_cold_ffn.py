@@ -12,6 +12,11 @@ host):
 - `bound_after_gap`: `bound` after --gap-us of the host spinning, as it waits for the GPU's part of the
   layer (the numba threads may have gone to sleep by then);
 - `bound_fixed_mask`: `bound` with one active set per layer (cache-warm, for comparison);
+- `bound_toggled_prefetch`: `bound` with the kernel's software prefetch of the next neuron's rows switched
+  from its default (`kernels.cpu.PREFETCH_ROWS`) to the other setting (`bound_again`,
+  `bound_toggled_prefetch_again`: both once more, for drift);
+- `bound_hugepages`: `bound` over a copy of the weights in memory advised for 2 MB transparent huge pages
+  (`runtime.host_memory`), and once more after `bound_again`;
 - `fork_join`: an empty parallel region over the threads (the floor of any parallel call), and
   `flatnonzero`: the kernel's serial scan of the mask;
 and reports each as GB/s of active-row bytes and % of the CPU streaming bandwidth measured in the same run.
@@ -36,12 +41,21 @@ from numba import njit, prange
 
 from powerinfer.bench import environment, measure_bandwidths
 from powerinfer.kernels import cpu
+from powerinfer.runtime.host_memory import huge_page_copy
 
 
 @njit(parallel=True, cache=True)
 def _fork_join(n_tasks, out):
     for task in prange(n_tasks):
         out[task] += 1.0
+
+
+def _thp_setting() -> str | None:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def spin(seconds: float) -> None:
@@ -99,7 +113,8 @@ def main():
         x = torch.randn(1, args.d, generator=g)
         x, mask, out = (t.pin_memory() if pin else t for t in (x, masks[0].clone(), torch.zeros(1, args.d)))
         op = cpu.MaskedFFN(*weights, "relu")
-        layers.append((op, op.bind(x, mask, out), x, mask, out, masks))
+        huge = cpu.MaskedFFN(*(huge_page_copy(w) for w in weights), "relu")  # same rows, 2 MB pages
+        layers.append((op, op.bind(x, mask, out), x, mask, out, masks, huge.bind(x, mask, out)))
     active_bytes = args.active * layers[0][0].neuron_bytes
 
     def calls(make, rotate=True):
@@ -117,29 +132,45 @@ def main():
         return made
 
     def kernel(layer):
-        op, _, x, mask, out, _ = layer
+        op, _, x, mask, out = layer[:5]
         partial = np.zeros((args.threads, 1, args.d), np.float32)
-        arrays = (x.numpy(), *op.weights, mask.numpy(), op.code, op.threshold, partial, out.numpy())
+        arrays = (x.numpy(), *op.weights, mask.numpy(), op.code, op.threshold, partial, out.numpy(), op.prefetch)
         return lambda: cpu._masked_ffn_kernel(*arrays)
 
     scratch = np.zeros(args.threads)
     mask_np = layers[0][3].numpy()
     no_prepare = (lambda: None)
     gap = args.gap_us / 1e6
+    def toggled_prefetch(layer):
+        op, run = layer[0], layer[1]
+
+        def call():
+            op.prefetch = not cpu.PREFETCH_ROWS
+            try:
+                return run()
+            finally:
+                op.prefetch = cpu.PREFETCH_ROWS
+        return call
+
     cases = {
         "bound": (calls(lambda layer: layer[1]), 0.0),
+        "bound_toggled_prefetch": (calls(toggled_prefetch), 0.0),
         "kernel": (calls(kernel), 0.0),
         "bound_after_gap": (calls(lambda layer: layer[1]), gap),
         "bound_fixed_mask": (calls(lambda layer: layer[1], rotate=False), 0.0),
         "fork_join": ([(no_prepare, lambda: _fork_join(args.threads, scratch))] * args.layers, 0.0),
         "fork_join_after_gap": ([(no_prepare, lambda: _fork_join(args.threads, scratch))] * args.layers, gap),
         "flatnonzero": ([(no_prepare, lambda: np.flatnonzero(mask_np))] * args.layers, 0.0),
+        "bound_hugepages": (calls(lambda layer: layer[6]), 0.0),
+        "bound_again": (calls(lambda layer: layer[1]), 0.0),  # drift check
+        "bound_hugepages_again": (calls(lambda layer: layer[6]), 0.0),
+        "bound_toggled_prefetch_again": (calls(toggled_prefetch), 0.0),
     }
     results = {}
     for name, (made, gap) in cases.items():
         us = per_call_us(made, args.repeats, gap)
         row = {"us_per_call": round(us, 1)}
-        if name in ("bound", "kernel", "bound_after_gap", "bound_fixed_mask"):
+        if not name.startswith(("fork_join", "flatnonzero")):
             row["gb_s"] = round(active_bytes / us / 1e3, 1)
             row["pct_of_stream"] = round(100 * active_bytes / us / 1e3 / bandwidth, 1)
         results[name] = row
@@ -148,7 +179,8 @@ def main():
     print(f"active bytes per call {active_bytes / 1e6:.2f} MB; at the {bandwidth:.0f} GB/s stream: {ideal_us:.0f} us")
     if args.json:
         report = {**environment(cuda=False), "benchmark": "cold_ffn", "numba_threads": args.threads,
-                  "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+                  "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "prefetch_rows_default": cpu.PREFETCH_ROWS,
+                  "transparent_hugepage": _thp_setting(),
                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                   "numba_threading_layer": numba.threading_layer(),
                   "shape": {"d": args.d, "cold_rows": args.cold_rows, "active": args.active,

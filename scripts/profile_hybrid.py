@@ -103,7 +103,14 @@ def main():
         split["rest_python_launch_staging"] = round(1e3 * wall - sum(split.values()), 3)
         report["wrapped_decode_ms"] = round(1e3 * wall, 3)
         report["split_ms_per_token"] = split
-        print(json.dumps({k: v for k, v in report.items() if k.endswith("_ms") or k.startswith("split")}), flush=True)
+        if segments:  # the same cold calls (last token's inputs) back to back, without the GPU in between
+            colds = [cold for _, _, cold in segments if cold is not None]
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                for cold in colds:
+                    cold()
+            report["cold_ffn_alone_ms_per_token"] = round(1e3 * (time.perf_counter() - start) / args.steps, 3)
+        print(json.dumps({k: v for k, v in report.items() if k.endswith(("_ms", "_ms_per_token")) or k.startswith("split")}), flush=True)
         sweep = defaultdict(list)  # a thread count may be listed twice: both times are kept
         for threads in [int(n) for n in args.sweep_threads.split(",") if n]:
             set_threads(threads)

@@ -292,3 +292,14 @@ def test_offload_counts_the_output_head_only_with_every_layer():
     assert offload_layers_for_budget(args, all_layers + head, context) == 32
     assert offload_layers_for_budget(args, all_layers + head - 1, context) == 31
     assert offload_layers_for_budget(args, 64 * mib + per_layer - 1, context) == 0
+
+
+def test_huge_page_copy_holds_the_same_values_in_the_asked_dtype():
+    from powerinfer.runtime.host_memory import HUGE_PAGE, huge_page_copy
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(2 * HUGE_PAGE // 4096 + 3, 1024, generator=g)  # > 2 huge pages of float32, odd rows
+    for source, dtype in ((big, None), (big.T, torch.bfloat16), (big[:5], torch.bfloat16)):
+        copy = huge_page_copy(source, dtype)
+        assert copy.is_contiguous() and copy.dtype == (dtype or source.dtype) and copy.shape == source.shape
+        assert torch.equal(copy, source.to(copy.dtype))

@@ -25,6 +25,7 @@ from torch import nn
 from powerinfer import kernels
 from powerinfer.kernels.dense import GEMV_MAX_TOKENS
 from powerinfer.models.llama import Linear, ffn_activation
+from powerinfer.runtime.host_memory import huge_page_copy
 
 MODES = ("hybrid", "gpu", "cpu", "dense", "offload")
 CPU = torch.device("cpu")
@@ -142,6 +143,8 @@ class SplitFFN(nn.Module):
     def _rows(gate, up, down_t, start, stop, device, dtype):
         if stop <= start:
             return None
+        if device.type == "cpu":  # read in scattered rows: huge pages spare a TLB miss per row (host_memory)
+            return [huge_page_copy(t[start:stop], dtype) for t in (gate, up, down_t)]
         # contiguous on the host first: a strided copy on the GPU would briefly hold the rows twice
         return [t[start:stop].contiguous().to(device=device, dtype=dtype) for t in (gate, up, down_t)]
 
