@@ -66,7 +66,8 @@ def cpu_path(request, monkeypatch):
     """Run a CPU kernel test through the single-thread kernels and through numba's thread pool."""
     from powerinfer.kernels import cpu
 
-    monkeypatch.setattr(cpu, "SERIAL_MAX_BYTES", 1 << 40 if request.param == "serial" else -1)
+    for name in ("SERIAL_MAX_BYTES", "SERIAL_MAX_BYTES_MANY_THREADS"):
+        monkeypatch.setattr(cpu, name, 1 << 40 if request.param == "serial" else -1)
     if request.param == "serial":
         yield
         return

@@ -19,8 +19,8 @@ instead of converting the sparse activation pattern to a dense format.
 
 Threads get one task each: numba hands every thread one equal chunk of a prange (static schedule),
 so more tasks than threads would only add partial sums; the tasks split the active rows evenly.
-Every kernel also has a single-threaded build, used below ``SERIAL_MAX_BYTES`` of weights, where
-waking the thread pool costs more than the work.
+Every kernel also has a single-threaded build, used below ``SERIAL_MAX_BYTES`` of weights (less with
+more than two threads), where waking the thread pool costs more than the work.
 
 Weights may be float32 or bfloat16. numba has no 16-bit float arithmetic, so bfloat16
 weights arrive as their raw int16 bit patterns (half the bytes to stream) and each element
@@ -220,10 +220,14 @@ def _down_kernel(h, w_down_t, idx, n_tasks, out):
     _sum_partials(partial, out)
 
 
-# Calls reading at most this many weight bytes run on the calling thread: waking numba's pool costs more
-# (2-core VM, float32 GEMV: serial ~21 GB/s at every size; parallel 13 GB/s at 1.3 MB, 25 GB/s at 7 MB,
-# 29 GB/s at 113 MB; tiny ReLU model decode: 2 threads slower than 1 with every call parallel).
-SERIAL_MAX_BYTES = 4 << 20
+# Calls reading at most this many weight bytes run on the calling thread: waking numba's pool costs more.
+# With two threads the pool gains little (2-core VM, float32 GEMV: serial ~21 GB/s at every size; parallel
+# 13 GB/s at 1.3 MB, 25 GB/s at 7 MB, 29 GB/s at 113 MB; tiny ReLU model decode: 2 threads slower than 1
+# with every call parallel). With many it gains most of the machine's bandwidth for ~8 us per parallel region
+# (16-core H100 host, cold_ffn_h100.json), so one thread pays off only for a few hundred KB: a synthetic 7B
+# layer's cold FFN with ~150 active rows (3.7 MB) ran on one thread under the two-thread limit.
+SERIAL_MAX_BYTES = 4 << 20  # up to 2 threads
+SERIAL_MAX_BYTES_MANY_THREADS = 256 << 10
 
 
 def _serial_variant(kernel):
@@ -241,7 +245,8 @@ _down_kernel_serial = _serial_variant(_down_kernel)
 
 
 def _serial(weight_bytes: int) -> bool:
-    return weight_bytes <= SERIAL_MAX_BYTES or numba.get_num_threads() == 1
+    threads = numba.get_num_threads()
+    return threads == 1 or weight_bytes <= (SERIAL_MAX_BYTES if threads <= 2 else SERIAL_MAX_BYTES_MANY_THREADS)
 
 
 def _weight_array(w: torch.Tensor) -> np.ndarray:
