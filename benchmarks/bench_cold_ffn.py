@@ -12,11 +12,9 @@ host):
 - `bound_after_gap`: `bound` after --gap-us of the host spinning, as it waits for the GPU's part of the
   layer (the numba threads may have gone to sleep by then);
 - `bound_fixed_mask`: `bound` with one active set per layer (cache-warm, for comparison);
-- `bound_toggled_prefetch`: `bound` with the kernel's software prefetch of the next neuron's rows switched
-  from its default (`kernels.cpu.PREFETCH_ROWS`) to the other setting (`bound_again`,
-  `bound_toggled_prefetch_again`: both once more, for drift);
 - `bound_hugepages`: `bound` over a copy of the weights in memory advised for 2 MB transparent huge pages
-  (`runtime.host_memory`), and once more after `bound_again`;
+  (`runtime.host_memory`; the executor's own cold rows are), `bound_again` and `bound_hugepages_again`:
+  both once more, for drift;
 - `fork_join`: an empty parallel region over the threads (the floor of any parallel call), and
   `flatnonzero`: the kernel's serial scan of the mask;
 and reports each as GB/s of active-row bytes and % of the CPU streaming bandwidth measured in the same run.
@@ -134,27 +132,15 @@ def main():
     def kernel(layer):
         op, _, x, mask, out = layer[:5]
         partial = np.zeros((args.threads, 1, args.d), np.float32)
-        arrays = (x.numpy(), *op.weights, mask.numpy(), op.code, op.threshold, partial, out.numpy(), op.prefetch)
+        arrays = (x.numpy(), *op.weights, mask.numpy(), op.code, op.threshold, partial, out.numpy())
         return lambda: cpu._masked_ffn_kernel(*arrays)
 
     scratch = np.zeros(args.threads)
     mask_np = layers[0][3].numpy()
     no_prepare = (lambda: None)
     gap = args.gap_us / 1e6
-    def toggled_prefetch(layer):
-        op, run = layer[0], layer[1]
-
-        def call():
-            op.prefetch = not cpu.PREFETCH_ROWS
-            try:
-                return run()
-            finally:
-                op.prefetch = cpu.PREFETCH_ROWS
-        return call
-
     cases = {
         "bound": (calls(lambda layer: layer[1]), 0.0),
-        "bound_toggled_prefetch": (calls(toggled_prefetch), 0.0),
         "kernel": (calls(kernel), 0.0),
         "bound_after_gap": (calls(lambda layer: layer[1]), gap),
         "bound_fixed_mask": (calls(lambda layer: layer[1], rotate=False), 0.0),
@@ -164,7 +150,6 @@ def main():
         "bound_hugepages": (calls(lambda layer: layer[6]), 0.0),
         "bound_again": (calls(lambda layer: layer[1]), 0.0),  # drift check
         "bound_hugepages_again": (calls(lambda layer: layer[6]), 0.0),
-        "bound_toggled_prefetch_again": (calls(toggled_prefetch), 0.0),
     }
     results = {}
     for name, (made, gap) in cases.items():
@@ -179,8 +164,7 @@ def main():
     print(f"active bytes per call {active_bytes / 1e6:.2f} MB; at the {bandwidth:.0f} GB/s stream: {ideal_us:.0f} us")
     if args.json:
         report = {**environment(cuda=False), "benchmark": "cold_ffn", "numba_threads": args.threads,
-                  "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "prefetch_rows_default": cpu.PREFETCH_ROWS,
-                  "transparent_hugepage": _thp_setting(),
+                  "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "transparent_hugepage": _thp_setting(),
                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                   "numba_threading_layer": numba.threading_layer(),
                   "shape": {"d": args.d, "cold_rows": args.cold_rows, "active": args.active,

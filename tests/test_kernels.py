@@ -152,15 +152,13 @@ def test_cpu_kernels_apply_a_fatrelu_threshold(activation, n_tokens, weight_dtyp
 @needs_numba
 @pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_bound_masked_ffn_reads_what_its_buffers_hold_at_each_call(weight_dtype, prefetch):
+def test_bound_masked_ffn_reads_what_its_buffers_hold_at_each_call(weight_dtype):
     """`bind` fixes the buffers (as the executor's pinned ones): new contents written into them between calls,
-    as every decode step does, must be what the next call reads (with and without software prefetch)."""
+    as every decode step does, must be what the next call reads."""
     from powerinfer.kernels import bind_masked_ffn
 
     x, (w_gate, w_up, w_down_t) = make_ffn(D, N_FF, 2, seed=9, dtype=weight_dtype)
     op = bind_masked_ffn(w_gate, w_up, w_down_t, "relu")
-    op.prefetch = prefetch
     x_buf, mask_buf, out_buf = torch.empty_like(x), torch.zeros(N_FF, dtype=torch.bool), torch.empty(2, D)
     run = op.bind(x_buf, mask_buf, out_buf)
     for step in range(3):

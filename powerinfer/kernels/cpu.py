@@ -49,9 +49,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 from numba import types as nb_types
-import llvmlite.binding as llvm_binding
 from llvmlite import ir
-from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from powerinfer.kernels.activations import activation_code
@@ -100,38 +98,6 @@ def _bfloat16_to_float32(typingctx, bits):
     return nb_types.float32(bits), codegen
 
 
-# LLVM 15 made pointers opaque, and the intrinsic's name lost its pointer type with them.
-_PREFETCH_INTRINSIC = "llvm.prefetch.p0" if llvm_binding.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
-
-
-@intrinsic
-def _prefetch(typingctx, array, index):
-    """Ask the cache for array[index]'s line ahead of use (llvm.prefetch: read, keep in L2 and up)."""
-    if not (isinstance(array, nb_types.Array) and isinstance(index, nb_types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        data = context.make_array(array_type)(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(context, builder, array_type, data, [args[1]], wraparound=False)
-        int32 = ir.IntType(32)
-        byte_pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
-        function = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer.type, int32, int32, int32]),
-            _PREFETCH_INTRINSIC)
-        builder.call(function, [byte_pointer, int32(0), int32(2), int32(1)])
-        return context.get_dummy_value()
-
-    return nb_types.void(array, index), codegen
-
-
-@njit(cache=True, inline="always")
-def _prefetch_row(row):
-    # every other 64-byte line: the adjacent-line prefetcher brings its pair
-    for i in range(0, row.shape[0], 128 // row.itemsize):
-        _prefetch(row, i)
-
-
 def _weight(row, i):
     """Element i of a weight row as float32."""
 
@@ -169,15 +135,12 @@ def _gate_up_kernel(x, w_gate, w_up, idx, code, threshold, n_tasks, out):
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _accumulate_rows(acc, h, ids, start, stop, w_down_t, prefetch=False):
+def _accumulate_rows(acc, h, ids, start, stop, w_down_t):
     """acc[t] += h[t, j] * w_down_t[ids[j]] for j in [start, stop): four rows per pass over acc (one
-    load/store of the accumulator per four FMAs); `prefetch`: ask for the next four rows first."""
+    load/store of the accumulator per four FMAs)."""
     n_tokens, d = acc.shape
     j = start
     while j + _DOWN_ROWS <= stop:
-        if prefetch:
-            for ahead in range(j + _DOWN_ROWS, min(j + 2 * _DOWN_ROWS, stop)):
-                _prefetch_row(w_down_t[ids[ahead]])
         r0, r1, r2, r3 = w_down_t[ids[j]], w_down_t[ids[j + 1]], w_down_t[ids[j + 2]], w_down_t[ids[j + 3]]
         for t in range(n_tokens):
             c0, c1, c2, c3 = h[t, j], h[t, j + 1], h[t, j + 2], h[t, j + 3]
@@ -355,11 +318,11 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = N
 
 
 @njit(**_JIT)
-def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, partial, out, prefetch):
+def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, partial, out):
     """`partial`: [>= tasks, T, d] scratch for the tasks' partial outputs (one task per row of it, up to the
     number of active neurons), reused across calls: allocating and zeroing it per call cost ~10% of a
-    7B layer's cold FFN with 16 threads. `prefetch`: ask for each neuron's rows one neuron ahead (the
-    active rows are scattered: the hardware prefetchers start over at every row)."""
+    7B layer's cold FFN with 16 threads. (Software prefetch of the next neuron's rows was tried: 10-35%
+    slower on the 2-core VM and on the H100 host.)"""
     n_tokens, d = x.shape
     # The tasks split the active neurons, not the mask: cold rows are sorted hot-first, so equal slices
     # of the mask would hand the first thread several times the work of the last.
@@ -380,9 +343,6 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, partial
         h = np.empty((n_tokens, hi - lo), np.float32)
         m = 0
         for j in range(lo, hi):
-            if prefetch and j + 1 < hi:
-                _prefetch_row(w_gate[ids[j + 1]])
-                _prefetch_row(w_up[ids[j + 1]])
             gate_row, up_row = w_gate[ids[j]], w_up[ids[j]]
             nonzero = False
             for t in range(n_tokens):
@@ -393,15 +353,12 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, partial
                 rows[m] = ids[j]
                 m += 1
         # pass 2: the down AXPY over the kept rows
-        _accumulate_rows(acc, h, rows, 0, m, w_down_t, prefetch)
+        _accumulate_rows(acc, h, rows, 0, m, w_down_t)
     _sum_partials(partial[:n_tasks], out)
     return k
 
 
 _masked_ffn_kernel_serial = _serial_variant(_masked_ffn_kernel)
-# Software prefetch of the next active neuron's rows in the masked FFN (`benchmarks/bench_cold_ffn.py`
-# measures it on and off).
-PREFETCH_ROWS = False
 
 
 class MaskedFFN:
@@ -415,7 +372,6 @@ class MaskedFFN:
         self.weights = tuple(_weight_array(w) for w in (w_gate, w_up, w_down_t))
         self.code, self.threshold = activation_code(activation), np.float32(threshold)
         self.neuron_bytes = 3 * self.weights[2].shape[1] * self.weights[2].itemsize
-        self.prefetch = PREFETCH_ROWS
         self._partial = np.zeros((0, 0, 0), np.float32)
 
     def _arrays(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> tuple[np.ndarray, ...]:
@@ -438,7 +394,7 @@ class MaskedFFN:
         if self._partial.shape[0] < tasks or self._partial.shape[1] != x.shape[0]:
             self._partial = np.zeros((numba.config.NUMBA_NUM_THREADS, *out.shape), np.float32)
         kernel = _masked_ffn_kernel_serial if tasks == 1 else _masked_ffn_kernel
-        kernel(x, *self.weights, mask, self.code, self.threshold, self._partial[:tasks], out, self.prefetch)
+        kernel(x, *self.weights, mask, self.code, self.threshold, self._partial[:tasks], out)
         return k
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None
