@@ -67,6 +67,48 @@ def test_rotary_rejects_a_width_that_is_not_heads_times_an_even_head_dim():
         fused.rotary_qkv(torch.zeros(1, 1, 30), torch.zeros(1, 2), torch.zeros(1, 2), 2, 1)
 
 
+needs_numba = pytest.mark.skipif(fused._cpu_kernels is None, reason="numba not installed")
+
+
+@needs_numba
+@pytest.mark.parametrize("width", [1, 37, 576])
+@torch.inference_mode()
+def test_numba_add_rms_norm_equals_the_reference(width):
+    g = torch.Generator().manual_seed(width)
+    x, a, b = (torch.randn(3, 2, width, generator=g) for _ in range(3))
+    w = 1 + torch.randn(width, generator=g) / 4
+    assert fused._use_numba(x, w)
+    for deltas in ((), (a,), (a, b.view(6, width))):
+        total, normed = fused.add_rms_norm(x, deltas, w, 1e-5)
+        ref_total, ref_normed = fused.add_rms_norm_reference(x, deltas, w, 1e-5)
+        assert total.shape == ref_total.shape and normed.shape == ref_normed.shape
+        torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(normed, ref_normed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), fused.rms_norm_reference(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+@needs_numba
+@pytest.mark.parametrize("heads,kv_heads,head_dim,seq", [(9, 3, 64, 1), (5, 1, 6, 7)])
+@torch.inference_mode()
+def test_numba_rotary_equals_the_reference(heads, kv_heads, head_dim, seq):
+    g = torch.Generator().manual_seed(seq)
+    qkv = torch.randn(2, seq, (heads + 2 * kv_heads) * head_dim, generator=g)
+    angles = (torch.arange(seq)[:, None] + 5) * torch.rand(head_dim // 2, generator=g)
+    assert fused._use_numba(qkv, angles.cos(), angles.sin())
+    for got, want in zip(fused.rotary_qkv(qkv, angles.cos(), angles.sin(), heads, kv_heads),
+                         fused.rotary_qkv_reference(qkv, angles.cos(), angles.sin(), heads, kv_heads)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_kernels_are_not_used_under_autograd():
+    x = torch.randn(2, 8, requires_grad=True)
+    w = torch.ones(8, requires_grad=True)
+    assert not fused._use_numba(x, w)
+    fused.rms_norm(x, w, 1e-5).sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
              torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
 

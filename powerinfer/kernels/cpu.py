@@ -413,3 +413,67 @@ def masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, *, threshold: float 
     """(y[T, d], k): the FFN over the k neurons whose `mask` entry is set, one pass over their rows
     (float32 or bfloat16 weights)."""
     return MaskedFFN(w_gate, w_up, w_down_t, activation, threshold)(x, mask.detach().contiguous(), out)
+
+
+# -- the small steps of a decoder layer (kernels/fused.py), float32 --------------------------------------------
+
+@njit(fastmath=_FASTMATH, cache=True, nogil=True)
+def _add_rms_norm_kernel(x, delta1, delta2, n_deltas, weight, eps, total, normed):
+    """total = x + (delta1 + delta2) (the first n_deltas of them), normed = weight * total / rms(total); one
+    pass per row, as the reference's ~8 torch ops do in ~8."""
+    rows, width = x.shape
+    for r in range(rows):
+        squares = np.float32(0.0)
+        for c in range(width):
+            value = x[r, c]
+            if n_deltas == 1:
+                value += delta1[r, c]
+            elif n_deltas == 2:
+                value += delta1[r, c] + delta2[r, c]
+            total[r, c] = value
+            squares += value * value
+        inverse_rms = np.float32(1.0) / math.sqrt(squares / width + eps)
+        for c in range(width):
+            normed[r, c] = weight[c] * (total[r, c] * inverse_rms)
+
+
+def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 CPU tensors; see fused.add_rms_norm."""
+    width = x.shape[-1]
+    x2 = _float32_array(x.reshape(-1, width))
+    arrays = [_float32_array(d.reshape(x2.shape)) for d in deltas] + [x2] * (2 - len(deltas))
+    total = torch.empty(x.shape, dtype=torch.float32) if deltas else x
+    normed = torch.empty(x.shape, dtype=torch.float32)
+    total_np = total.view(x2.shape).numpy() if deltas else np.empty_like(x2)
+    _add_rms_norm_kernel(x2, arrays[0], arrays[1], len(deltas), _float32_array(weight), np.float32(eps), total_np,
+                         normed.view(x2.shape).numpy())
+    return total, normed
+
+
+@njit(fastmath=_FASTMATH, cache=True, nogil=True)
+def _rotary_kernel(qkv, cos, sin, n_heads, n_kv_heads, q, k):
+    batch, seq, width = qkv.shape
+    head_dim = width // (n_heads + 2 * n_kv_heads)
+    half = head_dim // 2
+    for b in range(batch):
+        for t in range(seq):
+            for head in range(n_heads + n_kv_heads):
+                source = qkv[b, t, head * head_dim:(head + 1) * head_dim]
+                target = q[b, head, t] if head < n_heads else k[b, head - n_heads, t]
+                for i in range(half):
+                    x1, x2 = source[i], source[half + i]
+                    target[i] = x1 * cos[t, i] - x2 * sin[t, i]
+                    target[half + i] = x2 * cos[t, i] + x1 * sin[t, i]
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int):
+    """float32 CPU tensors; see fused.rotary_qkv."""
+    batch, seq, width = qkv.shape
+    head_dim = width // (n_heads + 2 * n_kv_heads)
+    qkv = qkv.contiguous()
+    q = torch.empty((batch, n_heads, seq, head_dim), dtype=torch.float32)
+    k = torch.empty((batch, n_kv_heads, seq, head_dim), dtype=torch.float32)
+    _rotary_kernel(qkv.numpy(), _float32_array(cos), _float32_array(sin), n_heads, n_kv_heads, q.numpy(), k.numpy())
+    v = qkv[..., (n_heads + n_kv_heads) * head_dim:].view(batch, seq, n_kv_heads, head_dim).transpose(1, 2)
+    return q, k, v

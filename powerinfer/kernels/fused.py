@@ -5,13 +5,15 @@ At batch 1 these steps move a few KB each, but written as PyTorch ops they are ~
 (RMSNorm alone: cast, square, mean, add, rsqrt, two multiplies, cast), each a launch of a few microseconds
 even inside a CUDA graph: on an H100 they were about half of the ~128 us the GPU spent per layer on
 attention in a synthetic-7B hybrid step, whose weights take ~45 us to stream. Fused, they are three
-kernels. The references are the model's definitions (RMSNorm: Zhang & Sennrich 2019; rotary embedding in
-the rotate-half layout of Hugging Face `transformers`) and what runs on the CPU and under autograd.
+kernels. On the CPU the same holds in a smaller way (numba kernels in ``cpu.py``, float32: the norms and
+rotations of SmolLM2's decode step took ~14% of it as torch ops on the 2-core VM). The references are the
+model's definitions (RMSNorm: Zhang & Sennrich 2019; rotary embedding in the rotate-half layout of Hugging
+Face `transformers`) and what runs under autograd.
 """
 
 import torch
 
-from powerinfer.kernels.sparse_ffn import _triton_available
+from powerinfer.kernels.sparse_ffn import _cpu_kernels, _triton_available
 
 
 def _triton():
@@ -21,8 +23,13 @@ def _triton():
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    # no backward in the Triton kernels: training (relufy, predictors) keeps the reference
+    # no backward in the kernels: training (relufy, predictors) keeps the reference
     return x.is_cuda and not torch.is_grad_enabled() and _triton_available()
+
+
+def _use_numba(*tensors: torch.Tensor) -> bool:
+    return (_cpu_kernels is not None and not torch.is_grad_enabled()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -34,10 +41,10 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def add_rms_norm_reference(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, eps: float,
                            copy_to: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if deltas:
-        delta = deltas[0].to(x.device, x.dtype)
+        delta = deltas[0].to(x.device, x.dtype).reshape_as(x)
         for more in deltas[1:]:
-            delta = delta + more.to(x.device, x.dtype)
-        x = x + delta.view_as(x)
+            delta = delta + more.to(x.device, x.dtype).reshape_as(x)
+        x = x + delta
     normed = rms_norm_reference(x, weight, eps)
     if copy_to is not None:
         copy_to.copy_(normed.view(copy_to.shape))
@@ -48,6 +55,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x) over the last dimension, computed in float32 (one kernel on CUDA)."""
     if _use_triton(x):
         return _triton().add_rms_norm(x, (), weight, eps)[1]
+    if _use_numba(x, weight):
+        return _cpu_kernels.add_rms_norm(x, (), weight, eps)[1]
     return rms_norm_reference(x, weight, eps)
 
 
@@ -70,6 +79,8 @@ def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torc
         raise ValueError("copy_to must be a contiguous float32 tensor")
     if _use_triton(x):
         return _triton().add_rms_norm(x, deltas, weight, eps, copy_to)
+    if copy_to is None and _use_numba(x, weight, *deltas):
+        return _cpu_kernels.add_rms_norm(x, deltas, weight, eps)
     return add_rms_norm_reference(x, deltas, weight, eps, copy_to)
 
 
@@ -97,4 +108,6 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
         raise ValueError(f"qkv width {qkv.shape[-1]} is not (heads + 2 kv_heads) x an even head_dim")
     if _use_triton(qkv):
         return _triton().rotary_qkv(qkv, cos, sin, n_heads, n_kv_heads)
+    if _use_numba(qkv, cos, sin):
+        return _cpu_kernels.rotary_qkv(qkv, cos, sin, n_heads, n_kv_heads)
     return rotary_qkv_reference(qkv, cos, sin, n_heads, n_kv_heads)
