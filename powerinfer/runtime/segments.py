@@ -12,12 +12,14 @@ token's 70 ms, scripts/profile_hybrid.py). So the step is cut where the CPU work
 The host replays A, records an event, replays B (the GPU runs it while the CPU works), waits for the
 event, computes the cold FFN into the layer's pinned output buffer and moves on to the next layer's A,
 whose first kernel reads that buffer. (Zero-copy instead of copy nodes: an H100 graph replays a 16 KB
-host-to-device copy and an add in 11.2 us, one kernel reading pinned memory in 5.3 us.) A last graph adds the last layer's outputs (and runs norm and lm_head).
+host-to-device copy and an add in 11.2 us, one kernel reading pinned memory in 5.3 us.) A last graph adds
+the last layer's outputs (and runs norm and lm_head).
 Layers whose attention stays in CPU memory (offload's CPU layers, after its GPU layers) then run eagerly.
 Without graphs, offload's 20 GPU layers of a synthetic 7B took 16 ms per token on an H100 host (bench),
 where dense-gpu runs all 32 in 8 ms.
 Each layer has its own pinned buffers, so no buffer is rewritten before the GPU has read it; the graphs
-keep the buffers they were captured with (the views in `layers`), whatever the eager path allocates later.
+keep the buffers they were captured with (the cold calls in `layers` hold views of them, which keep them
+alive), whatever the eager path allocates later.
 """
 
 from __future__ import annotations
