@@ -31,6 +31,7 @@ import json
 import os
 import statistics
 import time
+from collections import namedtuple
 
 import numba
 import numpy as np
@@ -40,6 +41,11 @@ from numba import njit, prange
 from powerinfer.bench import environment, measure_bandwidths
 from powerinfer.kernels import cpu
 from powerinfer.runtime.host_memory import huge_page_copy
+
+
+# one layer: its operator, the calls bound to its buffers (weights as allocated, and a huge-page copy), the
+# buffers, and the active sets written into `mask` in turn
+Layer = namedtuple("Layer", "op bound bound_hugepages x mask out masks")
 
 
 @njit(parallel=True, cache=True)
@@ -112,14 +118,14 @@ def main():
         x, mask, out = (t.pin_memory() if pin else t for t in (x, masks[0].clone(), torch.zeros(1, args.d)))
         op = cpu.MaskedFFN(*weights, "relu")
         huge = cpu.MaskedFFN(*(huge_page_copy(w) for w in weights), "relu")  # same rows, 2 MB pages
-        layers.append((op, op.bind(x, mask, out), x, mask, out, masks, huge.bind(x, mask, out)))
-    active_bytes = args.active * layers[0][0].neuron_bytes
+        layers.append(Layer(op, op.bind(x, mask, out), huge.bind(x, mask, out), x, mask, out, masks))
+    active_bytes = args.active * layers[0].op.neuron_bytes
 
     def calls(make, rotate=True):
         """One call per layer, each first writing the layer's next active set into its mask buffer."""
         made = []
         for layer in layers:
-            run, mask, masks = make(layer), layer[3], layer[5]
+            run, mask, masks = make(layer), layer.mask, layer.masks
             state = {"i": 0}
 
             def prepare(mask=mask, masks=masks, state=state):
@@ -130,26 +136,26 @@ def main():
         return made
 
     def kernel(layer):
-        op, _, x, mask, out = layer[:5]
+        op = layer.op
         partial = np.zeros((args.threads, 1, args.d), np.float32)
-        arrays = (x.numpy(), *op.weights, mask.numpy(), op.code, op.threshold, partial, out.numpy())
+        arrays = (layer.x.numpy(), *op.weights, layer.mask.numpy(), op.code, op.threshold, partial, layer.out.numpy())
         return lambda: cpu._masked_ffn_kernel(*arrays)
 
     scratch = np.zeros(args.threads)
-    mask_np = layers[0][3].numpy()
+    mask_np = layers[0].mask.numpy()
     no_prepare = (lambda: None)
     gap = args.gap_us / 1e6
     cases = {
-        "bound": (calls(lambda layer: layer[1]), 0.0),
+        "bound": (calls(lambda layer: layer.bound), 0.0),
         "kernel": (calls(kernel), 0.0),
-        "bound_after_gap": (calls(lambda layer: layer[1]), gap),
-        "bound_fixed_mask": (calls(lambda layer: layer[1], rotate=False), 0.0),
+        "bound_after_gap": (calls(lambda layer: layer.bound), gap),
+        "bound_fixed_mask": (calls(lambda layer: layer.bound, rotate=False), 0.0),
         "fork_join": ([(no_prepare, lambda: _fork_join(args.threads, scratch))] * args.layers, 0.0),
         "fork_join_after_gap": ([(no_prepare, lambda: _fork_join(args.threads, scratch))] * args.layers, gap),
         "flatnonzero": ([(no_prepare, lambda: np.flatnonzero(mask_np))] * args.layers, 0.0),
-        "bound_hugepages": (calls(lambda layer: layer[6]), 0.0),
-        "bound_again": (calls(lambda layer: layer[1]), 0.0),  # drift check
-        "bound_hugepages_again": (calls(lambda layer: layer[6]), 0.0),
+        "bound_hugepages": (calls(lambda layer: layer.bound_hugepages), 0.0),
+        "bound_again": (calls(lambda layer: layer.bound), 0.0),  # drift check
+        "bound_hugepages_again": (calls(lambda layer: layer.bound_hugepages), 0.0),
     }
     results = {}
     for name, (made, gap) in cases.items():

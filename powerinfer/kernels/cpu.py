@@ -419,8 +419,8 @@ def masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, *, threshold: float 
 
 @njit(fastmath=_FASTMATH, cache=True, nogil=True)
 def _add_rms_norm_kernel(x, delta1, delta2, n_deltas, weight, eps, total, normed):
-    """total = x + (delta1 + delta2) (the first n_deltas of them), normed = weight * total / rms(total); one
-    pass per row, as the reference's ~8 torch ops do in ~8."""
+    """total = x + (delta1 + delta2) (the first n_deltas of them), normed = weight * total / rms(total): two
+    passes over each row where the reference makes ~8. Without deltas `total` is x itself and not written."""
     rows, width = x.shape
     for r in range(rows):
         squares = np.float32(0.0)
@@ -430,7 +430,8 @@ def _add_rms_norm_kernel(x, delta1, delta2, n_deltas, weight, eps, total, normed
                 value += delta1[r, c]
             elif n_deltas == 2:
                 value += delta1[r, c] + delta2[r, c]
-            total[r, c] = value
+            if n_deltas:
+                total[r, c] = value
             squares += value * value
         inverse_rms = np.float32(1.0) / math.sqrt(squares / width + eps)
         for c in range(width):
@@ -445,7 +446,7 @@ def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torc
     arrays = [_float32_array(d.reshape(x2.shape)) for d in deltas] + [x2] * (2 - len(deltas))
     total = torch.empty(x.shape, dtype=torch.float32) if deltas else x
     normed = torch.empty(x.shape, dtype=torch.float32)
-    total_np = total.view(x2.shape).numpy() if deltas else np.empty_like(x2)
+    total_np = total.view(x2.shape).numpy() if deltas else x2
     _add_rms_norm_kernel(x2, arrays[0], arrays[1], len(deltas), _float32_array(weight), np.float32(eps), total_np,
                          normed.view(x2.shape).numpy())
     return total, normed
