@@ -290,6 +290,7 @@ def synthetic_artifact(shape: str, sparsity: float, skew: float, seed: int, cali
         "profiled_sparsity_max": round(max(layer["sparsity"] for layer in layers), 4),
         "predicted_sparsity_mean": mean([layer["predicted_sparsity"] for layer in layers]),
         "predictor_recall_mean": mean([layer["recall"] for layer in layers]),
+        "predictor_precision_mean": mean([layer["precision"] for layer in layers]),
         "predictor_ranks": sorted({layer["rank"] for layer in layers}),
         "seconds": {"synthesize": round(synth_s, 2), **artifact.manifest["build"]["seconds"]},
     }

@@ -131,6 +131,40 @@ def test_predictors_reach_recall_at_planted_sparsity(artifact, manifest, synth):
         assert layer["rank"] * (128 + 1024) + 1024 <= 0.1 * 3 * 128 * 1024
 
 
+def test_gate_initialized_predictor_is_the_reduced_rank_regression_of_the_gate():
+    """Its logits are the best rank-(rank // 2) approximation of x @ gate.T on the inputs: exact for a gate of
+    lower rank, as close as the truncated SVD of the targets otherwise."""
+    from powerinfer.offline.predictors import gate_initialized
+
+    torch.manual_seed(0)
+    x = torch.randn(301, 37)
+    low_rank = torch.randn(53, 5) @ torch.randn(5, 37)
+    with torch.no_grad():
+        assert torch.allclose(gate_initialized(x, low_rank, rank=13)(x), x @ low_rank.T, atol=1e-3)
+        full = torch.randn(53, 37)
+        targets = x @ full.T
+        u, s, vh = torch.linalg.svd(targets, full_matrices=False)
+        best = (u[:, :4] * s[:4]) @ vh[:4]
+        error = (gate_initialized(x, full, rank=8)(x) - targets).norm()
+    assert error <= 1.01 * (best - targets).norm()
+
+
+def test_gate_start_finds_the_planted_active_sets(synth):
+    """The synthetic gate is low-rank, so started from it the predictor predicts the planted active sets
+    almost exactly; from a random start, with as much training, it predicts many more neurons."""
+    from powerinfer.offline.predictors import gate_matrices, train_layer_predictor
+
+    loaded = load_model(synth)
+    profile = profile_model(loaded.model, split_windows(generate_calibration_tokens(loaded.model, 2048, 512, 0), 512),
+                            sample_tokens=2048)
+    gate = gate_matrices(loaded.model)[1]
+    _, started = train_layer_predictor(profile.inputs[1], profile.labels[1], gate=gate, ladder=(32,))
+    _, random = train_layer_predictor(profile.inputs[1], profile.labels[1], ladder=(32,))
+    assert started.recall >= 0.95 and random.recall >= 0.95
+    assert started.precision >= 0.97 > random.precision
+    assert started.predicted_sparsity == pytest.approx(started.sparsity, abs=0.01)
+
+
 # -- placement --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", ["predictor", "exact-sparse-down", "dense"])
@@ -335,6 +369,15 @@ def test_profile_train_plan_commands(synth, tmp_path, capsys):
     other = make_synthetic_relu_model("tiny", seed=1, out_dir=tmp_path / "other")
     assert main(["train-predictors", "--profile", str(out), "--model", str(other)]) == 1
     assert "profiles another model" in capsys.readouterr().err
+    # without --model: the gates come from the model the profile names, which must still be there
+    assert main(["train-predictors", "--profile", str(out)]) == 0
+    capsys.readouterr()
+    moved = synth.rename(tmp_path / "moved")
+    try:
+        assert main(["train-predictors", "--profile", str(out)]) == 1
+        assert "pass the model with --model" in capsys.readouterr().err
+    finally:
+        moved.rename(synth)
 
 
 def test_eval_json_reports_sparse_quality(artifact, capsys):

@@ -20,22 +20,29 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from powerinfer.errors import PowerInferError
-    from powerinfer.loading import open_checkpoint
+    from powerinfer.loading import load_model, open_checkpoint
     from powerinfer.loading.artifact import source_fingerprint
-    from powerinfer.offline.predictors import format_predictor_table, save_predictors, train_predictors
+    from powerinfer.offline.predictors import (format_predictor_table, gate_matrices, save_predictors,
+                                               train_predictors)
     from powerinfer.offline.profile import load_profile
 
     device = resolve_compute(args)
     profile = load_profile(args.profile)
-    if args.model is not None:
-        fingerprint = source_fingerprint(open_checkpoint(args.model))
-        if fingerprint != profile.source.get("sha256"):
-            raise PowerInferError(f"{args.profile} profiles another model ({profile.source.get('path')}), "
-                                  f"not {args.model}")
+    model_path = args.model or profile.source.get("path")
+    if model_path is None or not Path(model_path).exists():
+        raise PowerInferError(f"{args.profile} was profiled from {model_path}, which is not there any more; "
+                              "pass the model with --model (its gate matrices start the predictors)")
+    checkpoint = open_checkpoint(model_path)
+    if source_fingerprint(checkpoint) != profile.source.get("sha256"):
+        raise PowerInferError(f"{args.profile} profiles another model ({profile.source.get('path')}), "
+                              f"not {model_path}")
+    gates = gate_matrices(load_model(checkpoint, device="cpu", dtype=torch.float32).model)
     predictors, reports = train_predictors(profile.inputs, profile.labels, args.recall,
-                                           max_fraction=args.max_fraction, device=device, seed=args.seed,
-                                           progress=True)
+                                           max_fraction=args.max_fraction, gates=gates, device=device,
+                                           seed=args.seed, progress=True)
     save_predictors(predictors, reports, Path(args.profile))
     print(f"predictors (threshold calibrated for recall {args.recall:g} on held-out tokens):")
     print(format_predictor_table(reports))

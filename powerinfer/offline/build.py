@@ -27,7 +27,7 @@ from powerinfer.models.llama import to_hf_weights
 from powerinfer.offline.evaluate import choose_strategy, h_quantile_thresholds, measure_curve, within_budget
 from powerinfer.offline.placement import (GiB, check_vram_budget, plan_placement, relative_ffn_bytes,
                                          required_gpu_bytes)
-from powerinfer.offline.predictors import recall_targets, train_predictors
+from powerinfer.offline.predictors import gate_matrices, recall_targets, train_predictors
 from powerinfer.offline.profile import (EXACT_ZERO_ACTIVATIONS, generate_calibration_tokens, hot_first_order,
                                         profile_model, read_text_file, split_windows, tokenize_text)
 from powerinfer.offline.speed import time_strategies
@@ -114,8 +114,8 @@ def build_artifact(opts: BuildOptions) -> dict:
                             opts.sample_tokens, opts.progress)
     t = stage("profile", t)
 
-    predictors, reports = train_predictors(profile.inputs, profile.labels, opts.recall, device=opts.device,
-                                           seed=opts.seed, progress=opts.progress)
+    predictors, reports = train_predictors(profile.inputs, profile.labels, opts.recall, gates=gate_matrices(model),
+                                           device=opts.device, seed=opts.seed, progress=opts.progress)
     t = stage("predictors", t)
 
     exact_zeros = args.hidden_act in EXACT_ZERO_ACTIVATIONS
@@ -224,8 +224,8 @@ def build_in_memory(loaded, tokens: torch.Tensor, *, recall: float = 0.95, keep_
     device = next(model.parameters()).device
     profile = profile_model(model, split_windows(tokens, window), sample_tokens=len(tokens), progress=progress)
     t = stage("profile", started)
-    predictors, reports = train_predictors(profile.inputs, profile.labels, recall, device=device, seed=seed,
-                                           progress=progress)
+    predictors, reports = train_predictors(profile.inputs, profile.labels, recall, gates=gate_matrices(model),
+                                           device=device, seed=seed, progress=progress)
     t = stage("predictors", t)
 
     n_ff = args.intermediate_size

@@ -1,7 +1,12 @@
 """Adaptive activation predictors (PowerInfer §5.1; Deja Vu, Liu et al. 2023, arXiv 2310.17157).
 
 Per layer, an `ActivationPredictor` d -> r -> n_ff is trained with binary cross-entropy to predict the
-profiled active set from the FFN input. PowerInfer sizes each layer's predictor from its sparsity and
+profiled active set from the FFN input. When the layer's gate matrix is given, training starts from the best
+rank-r/2 approximation of the gate pre-activation on the profiled inputs (reduced-rank regression: the top
+right singular vectors V of the targets X·Wᵀ give fc1 = ±VᵀW and fc2 = ±V, the ± pairs passing the linear map
+through the hidden ReLU); for a ReLU-family layer a neuron is active where its gate pre-activation is
+positive, so this starting point already separates most of them, and whichever of it and its fine-tuned
+version predicts fewer neurons at the recall target is kept. PowerInfer sizes each layer's predictor from its sparsity and
 skew; here the size comes from a measured cost instead: ranks from a ladder are tried smallest first,
 each with its decision threshold calibrated on held-out tokens so that it keeps `recall` of the truly
 active neurons, and the climb stops at the first rank whose expected per-token work — predictor weights
@@ -12,6 +17,7 @@ exceeds `max_fraction` (10%) of its FFN's parameters, so the total stays within 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +33,7 @@ RECALL_TARGETS = (0.99, 0.95)  # stricter operating points the build also measur
 HOLDOUT_FRACTION = 0.2
 MAX_POS_WEIGHT = 10.0
 STEPS_PER_EPOCH = 64
+PRECISE_ENOUGH = 0.99
 
 
 def recall_targets(recall: float) -> list[float]:
@@ -71,15 +78,36 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: float) -> tu
     return recall, precision, 1.0 - predicted.float().mean().item()
 
 
+def gate_initialized(inputs: torch.Tensor, gate: torch.Tensor, rank: int) -> ActivationPredictor:
+    """A predictor computing the best rank-(rank // 2) approximation of `inputs @ gate.T` (module docstring)."""
+    k = rank // 2
+    gate = gate.to(inputs.device, torch.float32)
+    targets = inputs @ gate.T
+    _, _, v = torch.svd_lowrank(targets, q=min(k + 8, *targets.shape), niter=4)
+    v = v[:, :k]
+    predictor = ActivationPredictor(inputs.shape[1], rank, gate.shape[0]).to(inputs.device)
+    with torch.no_grad():
+        predictor.fc1.weight.zero_()
+        predictor.fc2.weight.zero_()
+        predictor.fc2.bias.zero_()
+        down, up = v, v.T @ gate
+        predictor.fc1.weight[:2 * k].copy_(torch.cat([up, -up]))
+        predictor.fc2.weight[:, :2 * k].copy_(torch.cat([down, -down], 1))
+    return predictor
+
+
 def _train(inputs: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int, batch_size: int,
-           lr: float, seed: int) -> ActivationPredictor:
+           lr: float, seed: int, start: ActivationPredictor | None = None) -> ActivationPredictor:
     torch.manual_seed(seed)
     n, d = inputs.shape
     n_ff = labels.shape[1]
-    predictor = ActivationPredictor(d, rank, n_ff).to(inputs.device)
-    frequency = labels.float().mean(0).clamp(1e-4, 1 - 1e-4)
-    with torch.no_grad():  # start from each neuron's base rate
-        predictor.fc2.bias.copy_(torch.log(frequency / (1 - frequency)))
+    if start is not None:
+        predictor = copy.deepcopy(start).train()
+    else:
+        predictor = ActivationPredictor(d, rank, n_ff).to(inputs.device)
+        frequency = labels.float().mean(0).clamp(1e-4, 1 - 1e-4)
+        with torch.no_grad():  # start from each neuron's base rate
+            predictor.fc2.bias.copy_(torch.log(frequency / (1 - frequency)))
     positives = labels.float().mean().clamp_min(1e-6)
     # rare actives: weight them up (square root of the class ratio, capped) so that recall is learnable
     pos_weight = ((1 - positives) / positives).sqrt().clamp(1.0, MAX_POS_WEIGHT)
@@ -99,18 +127,24 @@ def _train(inputs: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int, b
 
 
 def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: float = 0.95,
-                          ladder=RANK_LADDER, max_fraction: float = 0.1, epochs: int = 20,
-                          batch_size: int = 256, lr: float = 1e-2, device="cpu", seed: int = 0
+                          gate: torch.Tensor | None = None, ladder=RANK_LADDER, max_fraction: float = 0.1,
+                          epochs: int = 20, batch_size: int = 256, lr: float = 1e-2, device="cpu",
+                          seed: int = 0
                           ) -> tuple[ActivationPredictor, LayerReport]:
-    """Train one layer's predictor on (FFN input, active set) samples; see the module docstring."""
+    """Train one layer's predictor on (FFN input, active set) samples, starting from `gate` (the layer's
+    [n_ff, d] gate matrix, checkpoint neuron order) when given; see the module docstring."""
     n, d = inputs.shape
     n_ff = labels.shape[1]
     if n < 10:
         raise PowerInferError(f"only {n} profiled tokens per layer; profile more text to train predictors")
+    if gate is not None and tuple(gate.shape) != (n_ff, d):
+        raise PowerInferError(f"gate matrix of shape {tuple(gate.shape)} does not match the profile's "
+                              f"{n_ff} neurons x {d} inputs")
     split = n - max(1, round(HOLDOUT_FRACTION * n))
     batch_size = max(batch_size, split // STEPS_PER_EPOCH)  # many tokens: bigger batches, not more steps
     x = inputs.to(device=device, dtype=torch.float32)
     y = labels.to(device)
+    held_inputs, held_labels = x[split:], y[split:]
     ffn_parameters = 3 * d * n_ff
     budget = max_fraction * ffn_parameters
     ranks = [r for r in ladder if predictor_parameters(d, r, n_ff) <= budget]
@@ -119,43 +153,69 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
     largest = largest - largest % 16 if largest >= 16 else max(1, largest)
     if not ranks or (largest > ranks[-1] and largest < max(ladder)):
         ranks.append(largest)
+
+    def held_out(predictor: ActivationPredictor):
+        """(recall, precision, predicted sparsity) at the calibrated threshold, the logits, the threshold."""
+        with torch.no_grad():
+            logits = predictor(held_inputs)
+        threshold = calibrate_threshold(logits[held_labels], recall)
+        return _metrics(logits, held_labels, threshold), logits, threshold
+
     best, tried = None, []
     for rank in ranks:
-        predictor = _train(x[:split], y[:split], rank, epochs, batch_size, lr, seed)
-        with torch.no_grad():
-            logits = predictor(x[split:])
-        held_labels = y[split:]
-        threshold = calibrate_threshold(logits[held_labels], recall)
-        rec, prec, predicted_sparsity = _metrics(logits, held_labels, threshold)
+        from_gate = gate is not None and rank >= 2
+        if from_gate:
+            start = gate_initialized(x[:split], gate, rank)
+            scored = [(held_out(start), start)]
+            if scored[0][0][0][1] < PRECISE_ENOUGH:  # else fine-tuning has no false positives left to remove
+                tuned = _train(x[:split], y[:split], rank, epochs, batch_size, lr, seed, start)
+                scored.append((held_out(tuned), tuned))
+        else:
+            predictor = _train(x[:split], y[:split], rank, epochs, batch_size, lr, seed)
+            scored = [(held_out(predictor), predictor)]
+        ((rec, prec, predicted_sparsity), logits, threshold), predictor = max(scored, key=lambda s: s[0][0][2])
         parameters = predictor_parameters(d, rank, n_ff)
         cost = parameters + (1 - predicted_sparsity) * ffn_parameters
-        tried.append({"rank": rank, "predicted_sparsity": predicted_sparsity, "cost": cost})
+        tried.append({"rank": rank, "predicted_sparsity": predicted_sparsity, "cost": cost,
+                      "start": "gate" if from_gate else "random",
+                      "fine_tuned": not from_gate or predictor is not scored[0][1]})
         if best is not None and cost >= best[0]:
             break
         thresholds = {str(t): calibrate_threshold(logits[held_labels], t) for t in recall_targets(recall)}
         report = LayerReport(rank, rec, prec, predicted_sparsity, 1 - held_labels.float().mean().item(),
                              threshold, parameters, thresholds)
-        best = (cost, predictor, report)
+        best = (cost, predictor.eval(), report)
     _, predictor, report = best
     report.tried = tried
     predictor.threshold.fill_(report.threshold)
     return predictor.cpu(), report
 
 
+def gate_matrices(model) -> list[torch.Tensor]:
+    """Each layer's [n_ff, d] gate matrix (the first half of the fused gate/up projection)."""
+    return [block.mlp.gate_up_proj.weight.detach().chunk(2)[0] for block in model.layers]
+
+
 def train_predictors(inputs: list[torch.Tensor], labels: list[torch.Tensor], recall: float = 0.95,
-                     max_fraction: float = 0.1, device="cpu", seed: int = 0, progress: bool = False,
+                     max_fraction: float = 0.1, gates: list[torch.Tensor] | None = None, device="cpu",
+                     seed: int = 0, progress: bool = False,
                      **kwargs) -> tuple[list[ActivationPredictor], list[LayerReport]]:
-    """One predictor per layer from the profile's samples."""
+    """One predictor per layer from the profile's samples, each started from its layer's gate matrix when
+    `gates` (see `gate_matrices`) are given."""
     if not 0 < recall <= 1:
         raise PowerInferError(f"--recall must be in (0, 1], got {recall}")
+    if gates is not None and len(gates) != len(inputs):
+        raise PowerInferError(f"{len(gates)} gate matrices for a profile of {len(inputs)} layers")
     layers = range(len(inputs))
     if progress:
         from tqdm import tqdm
         layers = tqdm(layers, desc="training predictors", unit="layer", leave=False)
     predictors, reports = [], []
     for i in layers:
-        predictor, report = train_layer_predictor(inputs[i], labels[i], recall, max_fraction=max_fraction,
-                                                  device=device, seed=seed + i, **kwargs)
+        predictor, report = train_layer_predictor(inputs[i], labels[i], recall,
+                                                  gate=None if gates is None else gates[i],
+                                                  max_fraction=max_fraction, device=device, seed=seed + i,
+                                                  **kwargs)
         predictors.append(predictor)
         reports.append(report)
     return predictors, reports
