@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from powerinfer.bench import git_commit  # noqa: E402
 from powerinfer.kernels import sparse_ffn  # noqa: E402
 from powerinfer.kernels.sparse_ffn import compact_active, masked_ffn, sparse_down, sparse_gate_up  # noqa: E402
 
@@ -307,15 +307,6 @@ def sweep_gpu_configs(copies, ids, graph_us, row_bytes, copy_gbps):
     return rows
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -345,7 +336,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        "git_commit": git_commit(),  # POWERINFER_COMMIT when set
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),

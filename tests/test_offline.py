@@ -152,17 +152,35 @@ def test_gate_initialized_predictor_is_the_reduced_rank_regression_of_the_gate()
 def test_gate_start_finds_the_planted_active_sets(synth):
     """The synthetic gate is low-rank, so started from it the predictor predicts the planted active sets
     almost exactly; from a random start, with as much training, it predicts many more neurons."""
-    from powerinfer.offline.predictors import gate_matrices, train_layer_predictor
+    from powerinfer.offline.predictors import ffn_gate, train_layer_predictor
 
     loaded = load_model(synth)
     profile = profile_model(loaded.model, split_windows(generate_calibration_tokens(loaded.model, 2048, 512, 0), 512),
                             sample_tokens=2048)
-    gate = gate_matrices(loaded.model)[1]
+    gate = ffn_gate(loaded.model.layers[1].mlp)
     _, started = train_layer_predictor(profile.inputs[1], profile.labels[1], gate=gate, ladder=(32,))
     _, random = train_layer_predictor(profile.inputs[1], profile.labels[1], ladder=(32,))
     assert started.recall >= 0.95 and random.recall >= 0.95
     assert started.precision >= 0.97 > random.precision
     assert started.predicted_sparsity == pytest.approx(started.sparsity, abs=0.01)
+
+
+def test_magnitude_loss_needs_the_ffns_and_matching_magnitudes(synth):
+    from powerinfer.offline.predictors import ffn_magnitudes, train_layer_predictor, train_predictors
+
+    loaded = load_model(synth)
+    profile = profile_model(loaded.model, [torch.randint(2, 500, (256,))], sample_tokens=256)
+    with pytest.raises(PowerInferError, match="needs the model's FFN weights"):
+        train_predictors(profile.inputs, profile.labels, loss="magnitude")
+    with pytest.raises(PowerInferError, match="unknown predictor loss"):
+        train_predictors(profile.inputs, profile.labels, loss="mass")
+    magnitudes = ffn_magnitudes(loaded.model.layers[0].mlp, profile.inputs[0])
+    # ReLU: active where |h| > 0 (the samples are stored in float16: a few near-zero gates may flip)
+    assert ((magnitudes > 0) == profile.labels[0]).float().mean() > 0.999
+    with pytest.raises(PowerInferError, match="magnitudes of shape"):
+        train_layer_predictor(profile.inputs[0], profile.labels[0], magnitudes=magnitudes[:, :-1], ladder=(16,))
+    _, report = train_layer_predictor(profile.inputs[0], profile.labels[0], magnitudes=magnitudes, ladder=(16,))
+    assert report.recall >= 0.95
 
 
 # -- placement --------------------------------------------------------------------------------------------

@@ -51,6 +51,12 @@ def add_cpu_dtype_argument(p: argparse.ArgumentParser) -> None:
                         "holds the rest, else float32; bfloat16 halves the bytes the CPU streams per token)")
 
 
+def add_predictor_loss_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--predictor-loss", choices=["count", "magnitude"], default="count",
+                   help="how the predictors' BCE weights active samples: all alike (count), or by |h| so that "
+                        "missed neurons are the small ones (magnitude) (default: count)")
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
     p.add_argument("--max-tokens", "-n", type=positive_int, default=256)
     p.add_argument("--temperature", "-t", type=non_negative_float, default=temperature,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from powerinfer.commands._common import probability
+from powerinfer.commands._common import add_predictor_loss_argument, probability
 from powerinfer.commands.profile import add_compute_arguments, resolve_compute
 
 HELP = "train per-layer activation predictors from a `powerinfer profile` directory"
@@ -15,6 +15,7 @@ def add_arguments(p) -> None:
     add_compute_arguments(p)
     p.add_argument("--recall", type=probability, default=0.95,
                    help="recall each layer's threshold is calibrated to on held-out tokens (default: 0.95)")
+    add_predictor_loss_argument(p)
     p.add_argument("--max-fraction", type=probability, default=0.1,
                    help="largest predictor size as a fraction of its FFN's parameters (default: 0.1)")
 
@@ -25,8 +26,7 @@ def run(args) -> int:
     from powerinfer.errors import PowerInferError
     from powerinfer.loading import load_model, open_checkpoint
     from powerinfer.loading.artifact import source_fingerprint
-    from powerinfer.offline.predictors import (format_predictor_table, gate_matrices, save_predictors,
-                                               train_predictors)
+    from powerinfer.offline.predictors import format_predictor_table, save_predictors, train_predictors
     from powerinfer.offline.profile import load_profile
 
     device = resolve_compute(args)
@@ -39,10 +39,10 @@ def run(args) -> int:
     if source_fingerprint(checkpoint) != profile.source.get("sha256"):
         raise PowerInferError(f"{args.profile} profiles another model ({profile.source.get('path')}), "
                               f"not {model_path}")
-    gates = gate_matrices(load_model(checkpoint, device="cpu", dtype=torch.float32).model)
+    model = load_model(checkpoint, device=device, dtype=torch.float32).model
     predictors, reports = train_predictors(profile.inputs, profile.labels, args.recall,
-                                           max_fraction=args.max_fraction, gates=gates, device=device,
-                                           seed=args.seed, progress=True)
+                                           max_fraction=args.max_fraction, ffns=[block.mlp for block in model.layers],
+                                           loss=args.predictor_loss, device=device, seed=args.seed, progress=True)
     save_predictors(predictors, reports, Path(args.profile))
     print(f"predictors (threshold calibrated for recall {args.recall:g} on held-out tokens):")
     print(format_predictor_table(reports))

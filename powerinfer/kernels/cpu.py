@@ -15,7 +15,7 @@ instead of converting the sparse activation pattern to a dense format.
 * masked FFN: both of the above in one call over a per-neuron mask (the predictor's output), so
   the executor's CPU part is one dispatch per layer; a neuron whose h stays 0 never has its down
   row read.
-* dense GEMV: y = x @ W^T for a few tokens (decode), each row read once.
+* dense GEMV: y = x @ W^T for a few tokens (decode), each row read once, four rows per pass.
 
 Threads get one task each: numba hands every thread one equal chunk of a prange (static schedule),
 so more tasks than threads would only add partial sums; the tasks split the active rows evenly.
@@ -292,14 +292,37 @@ def _gemv_kernel(x, w, n_tasks, out):
     n_tokens, d = x.shape
     rows = w.shape[0]
     for task in prange(n_tasks):
-        for j in range(task * rows // n_tasks, (task + 1) * rows // n_tasks):
-            row = w[j]
-            for t in range(n_tokens):
-                x_t = x[t]
+        lo = task * rows // n_tasks
+        hi = (task + 1) * rows // n_tasks
+        for t in range(n_tokens):
+            x_t = x[t]
+            j = lo
+            # four rows per pass: four memory streams per core and x_t read once for the four (measured on
+            # the H100 host's Xeon, 16 threads, bfloat16: 63-71 -> 84-101 GB/s; cpu_dense_gemv_rows_h100.json)
+            while j + 4 <= hi:
+                r0, r1, r2, r3 = w[j], w[j + 1], w[j + 2], w[j + 3]
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for i in range(d):
+                    xi = x_t[i]
+                    a0 += xi * _weight(r0, i)
+                    a1 += xi * _weight(r1, i)
+                    a2 += xi * _weight(r2, i)
+                    a3 += xi * _weight(r3, i)
+                out[t, j] = a0
+                out[t, j + 1] = a1
+                out[t, j + 2] = a2
+                out[t, j + 3] = a3
+                j += 4
+            while j < hi:
+                row = w[j]
                 acc = np.float32(0.0)
                 for i in range(d):
                     acc += x_t[i] * _weight(row, i)
                 out[t, j] = acc
+                j += 1
 
 
 _gemv_kernel_serial = _serial_variant(_gemv_kernel)

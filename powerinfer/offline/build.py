@@ -27,7 +27,7 @@ from powerinfer.models.llama import to_hf_weights
 from powerinfer.offline.evaluate import choose_strategy, h_quantile_thresholds, measure_curve, within_budget
 from powerinfer.offline.placement import (GiB, check_vram_budget, plan_placement, relative_ffn_bytes,
                                          required_gpu_bytes)
-from powerinfer.offline.predictors import gate_matrices, recall_targets, train_predictors
+from powerinfer.offline.predictors import recall_targets, train_predictors
 from powerinfer.offline.profile import (EXACT_ZERO_ACTIVATIONS, generate_calibration_tokens, hot_first_order,
                                         profile_model, read_text_file, split_windows, tokenize_text)
 from powerinfer.offline.speed import time_strategies
@@ -48,6 +48,7 @@ class BuildOptions:
     window: int = 512
     target_sparsity: float = 0.5
     recall: float = 0.95
+    predictor_loss: str = "count"  # or "magnitude": active samples weighted by |h| (offline.predictors)
     max_ppl_increase: float = 0.02
     keep_massive: int = 4
     sparsity_levels: tuple = DEFAULT_SPARSITY_LEVELS
@@ -114,7 +115,8 @@ def build_artifact(opts: BuildOptions) -> dict:
                             opts.sample_tokens, opts.progress)
     t = stage("profile", t)
 
-    predictors, reports = train_predictors(profile.inputs, profile.labels, opts.recall, gates=gate_matrices(model),
+    predictors, reports = train_predictors(profile.inputs, profile.labels, opts.recall,
+                                           ffns=[block.mlp for block in model.layers], loss=opts.predictor_loss,
                                            device=opts.device, seed=opts.seed, progress=opts.progress)
     t = stage("predictors", t)
 
@@ -224,8 +226,9 @@ def build_in_memory(loaded, tokens: torch.Tensor, *, recall: float = 0.95, keep_
     device = next(model.parameters()).device
     profile = profile_model(model, split_windows(tokens, window), sample_tokens=len(tokens), progress=progress)
     t = stage("profile", started)
-    predictors, reports = train_predictors(profile.inputs, profile.labels, recall, gates=gate_matrices(model),
-                                           device=device, seed=seed, progress=progress)
+    predictors, reports = train_predictors(profile.inputs, profile.labels, recall,
+                                           ffns=[block.mlp for block in model.layers], device=device, seed=seed,
+                                           progress=progress)
     t = stage("predictors", t)
 
     n_ff = args.intermediate_size

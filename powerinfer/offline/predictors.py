@@ -6,7 +6,9 @@ rank-r/2 approximation of the gate pre-activation on the profiled inputs (reduce
 right singular vectors V of the targets X·Wᵀ give fc1 = ±VᵀW and fc2 = ±V, the ± pairs passing the linear map
 through the hidden ReLU); for a ReLU-family layer a neuron is active where its gate pre-activation is
 positive, so this starting point already separates most of them, and whichever of it and its fine-tuned
-version predicts fewer neurons at the recall target is kept. PowerInfer sizes each layer's predictor from its sparsity and
+version predicts fewer neurons at the recall target is kept. With `loss="magnitude"` each active sample's
+BCE term is weighted by its |h| relative to the layer's mean active |h|, so that the neurons a predictor
+misses are the small ones (recall is still counted in neurons). PowerInfer sizes each layer's predictor from its sparsity and
 skew; here the size comes from a measured cost instead: ranks from a ladder are tried smallest first,
 each with its decision threshold calibrated on held-out tokens so that it keeps `recall` of the truly
 active neurons, and the climb stops at the first rank whose expected per-token work — predictor weights
@@ -29,6 +31,7 @@ from powerinfer.errors import PowerInferError
 from powerinfer.models.predictor import ActivationPredictor
 
 RANK_LADDER = (16, 32, 64, 128, 256, 512, 1024)
+LOSSES = ("count", "magnitude")  # how active samples are weighted in the BCE (module docstring)
 RECALL_TARGETS = (0.99, 0.95)  # stricter operating points the build also measures
 HOLDOUT_FRACTION = 0.2
 MAX_POS_WEIGHT = 10.0
@@ -97,7 +100,8 @@ def gate_initialized(inputs: torch.Tensor, gate: torch.Tensor, rank: int) -> Act
 
 
 def _train(inputs: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int, batch_size: int,
-           lr: float, seed: int, start: ActivationPredictor | None = None) -> ActivationPredictor:
+           lr: float, seed: int, start: ActivationPredictor | None = None,
+           weights: torch.Tensor | None = None) -> ActivationPredictor:
     torch.manual_seed(seed)
     n, d = inputs.shape
     n_ff = labels.shape[1]
@@ -118,6 +122,7 @@ def _train(inputs: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int, b
     for _ in range(epochs):
         for idx in torch.randperm(n, generator=generator, device=inputs.device).split(batch_size):
             loss = F.binary_cross_entropy_with_logits(predictor(inputs[idx]), labels[idx].float(),
+                                                      None if weights is None else weights[idx],
                                                       pos_weight=pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -127,12 +132,14 @@ def _train(inputs: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int, b
 
 
 def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: float = 0.95,
-                          gate: torch.Tensor | None = None, ladder=RANK_LADDER, max_fraction: float = 0.1,
+                          gate: torch.Tensor | None = None, magnitudes: torch.Tensor | None = None,
+                          ladder=RANK_LADDER, max_fraction: float = 0.1,
                           epochs: int = 20, batch_size: int = 256, lr: float = 1e-2, device="cpu",
                           seed: int = 0
                           ) -> tuple[ActivationPredictor, LayerReport]:
     """Train one layer's predictor on (FFN input, active set) samples, starting from `gate` (the layer's
-    [n_ff, d] gate matrix, checkpoint neuron order) when given; see the module docstring."""
+    [n_ff, d] gate matrix, checkpoint neuron order) when given, and weighting each active sample by
+    `magnitudes` (|h| of the samples, [n, n_ff]) when given; see the module docstring."""
     n, d = inputs.shape
     n_ff = labels.shape[1]
     if n < 10:
@@ -145,6 +152,13 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
     x = inputs.to(device=device, dtype=torch.float32)
     y = labels.to(device)
     held_inputs, held_labels = x[split:], y[split:]
+    weights = None
+    if magnitudes is not None:
+        if tuple(magnitudes.shape) != tuple(labels.shape):
+            raise PowerInferError(f"magnitudes of shape {tuple(magnitudes.shape)} for labels {tuple(labels.shape)}")
+        magnitude = magnitudes[:split].to(device, torch.float32)
+        scale = magnitude[y[:split]].mean().clamp_min(1e-12)
+        weights = torch.where(y[:split], (magnitude / scale).clamp(max=MAX_POS_WEIGHT), 1.0)
     ffn_parameters = 3 * d * n_ff
     budget = max_fraction * ffn_parameters
     ranks = [r for r in ladder if predictor_parameters(d, r, n_ff) <= budget]
@@ -168,10 +182,10 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
             start = gate_initialized(x[:split], gate, rank)
             scored = [(held_out(start), start)]
             if scored[0][0][0][1] < PRECISE_ENOUGH:  # else fine-tuning has no false positives left to remove
-                tuned = _train(x[:split], y[:split], rank, epochs, batch_size, lr, seed, start)
+                tuned = _train(x[:split], y[:split], rank, epochs, batch_size, lr, seed, start, weights)
                 scored.append((held_out(tuned), tuned))
         else:
-            predictor = _train(x[:split], y[:split], rank, epochs, batch_size, lr, seed)
+            predictor = _train(x[:split], y[:split], rank, epochs, batch_size, lr, seed, weights=weights)
             scored = [(held_out(predictor), predictor)]
         ((rec, prec, predicted_sparsity), logits, threshold), predictor = max(scored, key=lambda s: s[0][0][2])
         parameters = predictor_parameters(d, rank, n_ff)
@@ -191,29 +205,44 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
     return predictor.cpu(), report
 
 
-def gate_matrices(model) -> list[torch.Tensor]:
-    """Each layer's [n_ff, d] gate matrix (the first half of the fused gate/up projection)."""
-    return [block.mlp.gate_up_proj.weight.detach().chunk(2)[0] for block in model.layers]
+def ffn_gate(ffn) -> torch.Tensor:
+    """The [n_ff, d] gate matrix of a FeedForward (the first half of its fused gate/up projection)."""
+    return ffn.gate_up_proj.weight.detach().chunk(2)[0]
+
+
+def ffn_magnitudes(ffn, inputs: torch.Tensor) -> torch.Tensor:
+    """|h| [n, n_ff] of a FeedForward for its inputs [n, d], as float32."""
+    from powerinfer.models.llama import ffn_activation
+
+    weight = ffn.gate_up_proj.weight
+    with torch.no_grad():
+        gate, up = F.linear(inputs.to(weight.device, weight.dtype), weight).chunk(2, dim=-1)
+        return ffn_activation(gate, up, ffn.activation, ffn.threshold).abs().float()
 
 
 def train_predictors(inputs: list[torch.Tensor], labels: list[torch.Tensor], recall: float = 0.95,
-                     max_fraction: float = 0.1, gates: list[torch.Tensor] | None = None, device="cpu",
+                     max_fraction: float = 0.1, ffns: list | None = None, loss: str = "count", device="cpu",
                      seed: int = 0, progress: bool = False,
                      **kwargs) -> tuple[list[ActivationPredictor], list[LayerReport]]:
-    """One predictor per layer from the profile's samples, each started from its layer's gate matrix when
-    `gates` (see `gate_matrices`) are given."""
+    """One predictor per layer from the profile's samples; with the model's FeedForward modules (`ffns`),
+    each starts from its layer's gate matrix, and `loss="magnitude"` weights active samples by |h|."""
     if not 0 < recall <= 1:
         raise PowerInferError(f"--recall must be in (0, 1], got {recall}")
-    if gates is not None and len(gates) != len(inputs):
-        raise PowerInferError(f"{len(gates)} gate matrices for a profile of {len(inputs)} layers")
+    if loss not in LOSSES:
+        raise PowerInferError(f"unknown predictor loss {loss!r} (choose from {', '.join(LOSSES)})")
+    if ffns is None and loss == "magnitude":
+        raise PowerInferError("the magnitude-weighted predictor loss needs the model's FFN weights")
+    if ffns is not None and len(ffns) != len(inputs):
+        raise PowerInferError(f"{len(ffns)} FFNs for a profile of {len(inputs)} layers")
     layers = range(len(inputs))
     if progress:
         from tqdm import tqdm
         layers = tqdm(layers, desc="training predictors", unit="layer", leave=False)
     predictors, reports = [], []
     for i in layers:
-        predictor, report = train_layer_predictor(inputs[i], labels[i], recall,
-                                                  gate=None if gates is None else gates[i],
+        gate = None if ffns is None else ffn_gate(ffns[i])
+        magnitudes = ffn_magnitudes(ffns[i], inputs[i]) if loss == "magnitude" else None
+        predictor, report = train_layer_predictor(inputs[i], labels[i], recall, gate=gate, magnitudes=magnitudes,
                                                   max_fraction=max_fraction, device=device, seed=seed + i,
                                                   **kwargs)
         predictors.append(predictor)
