@@ -52,9 +52,9 @@ def add_cpu_dtype_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_predictor_loss_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--predictor-loss", choices=["count", "magnitude"], default="count",
-                   help="how the predictors' BCE weights active samples: all alike (count), or by |h| so that "
-                        "missed neurons are the small ones (magnitude) (default: count)")
+    p.add_argument("--predictor-loss", choices=["magnitude", "count"], default="magnitude",
+                   help="how the predictors' BCE weights active samples: by |h|, so that the neurons they miss "
+                        "are the small ones (magnitude), or all alike (count) (default: magnitude)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
