@@ -15,7 +15,7 @@ instead of converting the sparse activation pattern to a dense format.
 * masked FFN: both of the above in one call over a per-neuron mask (the predictor's output), so
   the executor's CPU part is one dispatch per layer; a neuron whose h stays 0 never has its down
   row read.
-* dense GEMV: y = x @ W^T for a few tokens (decode), each row read once, four rows per pass.
+* dense GEMV: y = x @ W^T for a few tokens (decode), each row read once, long rows four per pass.
 
 Threads get one task each: numba hands every thread one equal chunk of a prange (static schedule),
 so more tasks than threads would only add partial sums; the tasks split the active rows evenly.
@@ -287,8 +287,15 @@ def sparse_down(
     return out
 
 
+# Rows of at least this many elements go four per pass through the GEMV: four memory streams per core and
+# x_t read once for the four. Measured, 7B matrices (d 4096/11008, bfloat16): H100 host's Xeon (AVX-512), 16
+# threads 63-71 -> 84-101 GB/s (cpu_dense_gemv_rows_h100.json); 2-core EPYC VM (AVX2) equal at d=4096, 23 ->
+# 31 GB/s at d=11008. SmolLM2's short rows (d=576) went 1.1-1.9x slower four at a time on the VM.
+GEMV_FOUR_ROWS_MIN_D = 2048
+
+
 @njit(**_JIT)
-def _gemv_kernel(x, w, n_tasks, out):
+def _gemv_kernel(x, w, n_tasks, four_rows, out):
     n_tokens, d = x.shape
     rows = w.shape[0]
     for task in prange(n_tasks):
@@ -297,9 +304,7 @@ def _gemv_kernel(x, w, n_tasks, out):
         for t in range(n_tokens):
             x_t = x[t]
             j = lo
-            # four rows per pass: four memory streams per core and x_t read once for the four (measured on
-            # the H100 host's Xeon, 16 threads, bfloat16: 63-71 -> 84-101 GB/s; cpu_dense_gemv_rows_h100.json)
-            while j + 4 <= hi:
+            while four_rows and j + 4 <= hi:
                 r0, r1, r2, r3 = w[j], w[j + 1], w[j + 2], w[j + 3]
                 a0 = np.float32(0.0)
                 a1 = np.float32(0.0)
@@ -332,11 +337,12 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = N
     """y[T, n] = x @ w^T for a few tokens: each weight row streamed once (float32/bfloat16 weights)."""
     w_np = _weight_array(w)
     out = _output(out, (x.shape[0], w_np.shape[0]))
+    four_rows = w_np.shape[1] >= GEMV_FOUR_ROWS_MIN_D
     if _serial(w_np.nbytes):
-        _gemv_kernel_serial(_float32_array(x), w_np, 1, out.numpy())
+        _gemv_kernel_serial(_float32_array(x), w_np, 1, four_rows, out.numpy())
         return out
     n_tasks = max(1, min(w_np.shape[0], numba.get_num_threads()))
-    _gemv_kernel(_float32_array(x), w_np, n_tasks, out.numpy())
+    _gemv_kernel(_float32_array(x), w_np, n_tasks, four_rows, out.numpy())
     return out
 
 
