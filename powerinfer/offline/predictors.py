@@ -8,8 +8,10 @@ through the hidden ReLU); for a ReLU-family layer a neuron is active where its g
 positive, so this starting point already separates most of them, and whichever of it and its fine-tuned
 version predicts fewer neurons at the recall target is kept. With `loss="magnitude"` each active sample's
 BCE term is weighted by its |h| relative to the layer's mean active |h|, so that the neurons a predictor
-misses are the small ones (recall is still counted in neurons). PowerInfer sizes each layer's predictor from its sparsity and
-skew; here the size comes from a measured cost instead: ranks from a ladder are tried smallest first,
+misses are the small ones (recall is still counted in neurons).
+
+PowerInfer sizes each layer's predictor from its sparsity and skew; here the size comes from a measured
+cost instead: ranks from a ladder are tried smallest first,
 each with its decision threshold calibrated on held-out tokens so that it keeps `recall` of the truly
 active neurons, and the climb stops at the first rank whose expected per-token work — predictor weights
 plus the FFN rows of predicted-active neurons — does not beat the previous rank's. A sparse, skewed layer
@@ -131,6 +133,17 @@ def _train(inputs: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int, b
     return predictor.eval()
 
 
+@dataclass
+class _Candidate:
+    """A trained predictor and its held-out metrics at the calibrated threshold."""
+    predictor: ActivationPredictor
+    logits: torch.Tensor
+    threshold: float
+    recall: float
+    precision: float
+    predicted_sparsity: float
+
+
 def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: float = 0.95,
                           gate: torch.Tensor | None = None, magnitudes: torch.Tensor | None = None,
                           ladder=RANK_LADDER, max_fraction: float = 0.1,
@@ -168,37 +181,37 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
     if not ranks or (largest > ranks[-1] and largest < max(ladder)):
         ranks.append(largest)
 
-    def held_out(predictor: ActivationPredictor):
-        """(recall, precision, predicted sparsity) at the calibrated threshold, the logits, the threshold."""
+    def evaluated(predictor: ActivationPredictor) -> _Candidate:
         with torch.no_grad():
             logits = predictor(held_inputs)
         threshold = calibrate_threshold(logits[held_labels], recall)
-        return _metrics(logits, held_labels, threshold), logits, threshold
+        return _Candidate(predictor, logits, threshold, *_metrics(logits, held_labels, threshold))
 
     best, tried = None, []
     for rank in ranks:
         from_gate = gate is not None and rank >= 2
         if from_gate:
-            start = gate_initialized(x[:split], gate, rank)
-            scored = [(held_out(start), start)]
-            if scored[0][0][0][1] < PRECISE_ENOUGH:  # else fine-tuning has no false positives left to remove
-                tuned = _train(x[:split], y[:split], rank, epochs, batch_size, lr, seed, start, weights)
-                scored.append((held_out(tuned), tuned))
+            start = evaluated(gate_initialized(x[:split], gate, rank))
+            candidates = [start]
+            if start.precision < PRECISE_ENOUGH:  # else fine-tuning has no false positives left to remove
+                candidates.append(evaluated(_train(x[:split], y[:split], rank, epochs, batch_size, lr, seed,
+                                                   start.predictor, weights)))
         else:
-            predictor = _train(x[:split], y[:split], rank, epochs, batch_size, lr, seed, weights=weights)
-            scored = [(held_out(predictor), predictor)]
-        ((rec, prec, predicted_sparsity), logits, threshold), predictor = max(scored, key=lambda s: s[0][0][2])
+            candidates = [evaluated(_train(x[:split], y[:split], rank, epochs, batch_size, lr, seed,
+                                           weights=weights))]
+        chosen = max(candidates, key=lambda c: c.predicted_sparsity)
         parameters = predictor_parameters(d, rank, n_ff)
-        cost = parameters + (1 - predicted_sparsity) * ffn_parameters
-        tried.append({"rank": rank, "predicted_sparsity": predicted_sparsity, "cost": cost,
+        cost = parameters + (1 - chosen.predicted_sparsity) * ffn_parameters
+        tried.append({"rank": rank, "predicted_sparsity": chosen.predicted_sparsity, "cost": cost,
                       "start": "gate" if from_gate else "random",
-                      "fine_tuned": not from_gate or predictor is not scored[0][1]})
+                      "fine_tuned": not from_gate or chosen is not candidates[0]})
         if best is not None and cost >= best[0]:
             break
-        thresholds = {str(t): calibrate_threshold(logits[held_labels], t) for t in recall_targets(recall)}
-        report = LayerReport(rank, rec, prec, predicted_sparsity, 1 - held_labels.float().mean().item(),
-                             threshold, parameters, thresholds)
-        best = (cost, predictor.eval(), report)
+        active_logits = chosen.logits[held_labels]
+        thresholds = {str(t): calibrate_threshold(active_logits, t) for t in recall_targets(recall)}
+        report = LayerReport(rank, chosen.recall, chosen.precision, chosen.predicted_sparsity,
+                             1 - held_labels.float().mean().item(), chosen.threshold, parameters, thresholds)
+        best = (cost, chosen.predictor.eval(), report)
     _, predictor, report = best
     report.tried = tried
     predictor.threshold.fill_(report.threshold)
