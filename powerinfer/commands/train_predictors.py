@@ -34,7 +34,7 @@ def run(args) -> int:
     model_path = args.model or profile.source.get("path")
     if model_path is None or not Path(model_path).exists():
         raise PowerInferError(f"{args.profile} was profiled from {model_path}, which is not there any more; "
-                              "pass the model with --model (its gate matrices start the predictors)")
+                              "pass the model with --model (its FFN weights start and weight the predictors)")
     checkpoint = open_checkpoint(model_path)
     if source_fingerprint(checkpoint) != profile.source.get("sha256"):
         raise PowerInferError(f"{args.profile} profiles another model ({profile.source.get('path')}), "
