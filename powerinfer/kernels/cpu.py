@@ -359,7 +359,7 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, partial
     k = ids.shape[0]
     if k == 0:
         out[:] = 0
-        return 0
+        return
     n_tasks = min(partial.shape[0], k)
     for task in prange(n_tasks):
         lo = task * k // n_tasks
@@ -384,7 +384,6 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, partial
         # pass 2: the down AXPY over the kept rows
         _accumulate_rows(acc, h, rows, 0, m, w_down_t)
     _sum_partials(partial[:n_tasks], out)
-    return k
 
 
 _masked_ffn_kernel_serial = _serial_variant(_masked_ffn_kernel)
