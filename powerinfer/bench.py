@@ -150,7 +150,7 @@ def bytes_per_token(model, active: tuple[float, float] | None, position: int) ->
             add(device, _nbytes(p))
         add(device, 2 * position * kv * dtype_bytes)
         if ffn.predictor is not None:
-            for p in ffn.predictor.parameters():
+            for p in (*ffn.predictor.parameters(), *ffn.predictor.buffers()):
                 add(p.device, _nbytes(p))
         for rows, n_active in ((ffn.hot, hot), (ffn.cold, cold)):
             if rows is None:

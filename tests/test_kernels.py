@@ -7,6 +7,7 @@ import torch
 
 from powerinfer.kernels import sparse_ffn
 from powerinfer.kernels.activations import ACTIVATIONS
+from powerinfer.kernels.quantized import dequantize_int4, int4_gemv, int4_gemv_reference, quantize_int4
 from powerinfer.kernels.sparse_ffn import (
     compact_active,
     masked_ffn,
@@ -471,3 +472,53 @@ def test_backend_selection_on_cuda():
     t = torch.zeros(2, 3, device="cuda", dtype=torch.bfloat16)
     assert select_backend(t, t) == "triton"
     assert select_backend(t, t, use_kernel=False) == "reference"
+
+
+# -- int4 GEMV (the quantized-gate predictor's product) -----------------------------------------------------
+
+def test_int4_quantization_round_trips_within_half_a_step():
+    w = torch.randn(53, 96, generator=torch.Generator().manual_seed(0))
+    packed, scales = quantize_int4(w, 32)
+    assert packed.dtype == torch.uint8 and packed.shape == (53, 48) and scales.shape == (53, 3)
+    step = scales.repeat_interleave(32, dim=1)
+    assert ((dequantize_int4(packed, scales) - w).abs() <= step / 2 + 1e-6).all()
+    exact = torch.randint(-7, 8, (5, 64)).float() * 0.25  # on the grid: exact (scale = max|w| / 7)
+    exact[:, 0] = 7 * 0.25
+    assert torch.equal(dequantize_int4(*quantize_int4(exact, 64)), exact)
+    with pytest.raises(ValueError, match="group"):
+        quantize_int4(w, 36)
+
+
+@pytest.mark.usefixtures("cpu_path")
+@needs_numba
+@pytest.mark.parametrize("n_tokens", [1, 3])
+@pytest.mark.parametrize(("d", "group"), [(96, 32), (576, 64), (38, 2)])
+def test_int4_gemv_numba_matches_reference(d, group, n_tokens):
+    g = torch.Generator().manual_seed(d + n_tokens)
+    packed, scales = quantize_int4(torch.randn(101, d, generator=g), group)
+    x = torch.randn(n_tokens, d, generator=g)
+    y = int4_gemv(x, packed, scales, use_kernel=True)
+    torch.testing.assert_close(y, int4_gemv_reference(x, packed, scales), **F32_TOL)
+
+
+def test_int4_gemv_rejects_mismatched_operands():
+    packed, scales = quantize_int4(torch.randn(7, 64), 32)
+    with pytest.raises(ValueError, match=r"\[T, 64\]"):
+        int4_gemv(torch.randn(1, 60), packed, scales)
+    with pytest.raises(ValueError, match="uint8"):
+        int4_gemv(torch.randn(1, 64), packed.to(torch.int16), scales)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_tokens", [1, 5])
+@pytest.mark.parametrize(("d", "group"), [(96, 32), (576, 64), (4096, 64)])
+def test_triton_int4_gemv_matches_reference(d, group, n_tokens, dtype):
+    g = torch.Generator().manual_seed(d + n_tokens)
+    packed, scales = quantize_int4(torch.randn(1031, d, generator=g) / math.sqrt(d), group)
+    x = torch.randn(n_tokens, d, generator=g)
+    packed, scales, x = packed.cuda(), scales.to("cuda", dtype), x.to("cuda", dtype)
+    y = int4_gemv(x, packed, scales, use_kernel=True)
+    assert y.dtype == dtype and y.shape == (n_tokens, 1031)
+    assert rel_error(y, int4_gemv_reference(x, packed, scales)) < GPU_REL_TOL[dtype]

@@ -17,6 +17,7 @@ import torch
 from powerinfer.cli import main
 from powerinfer.errors import ModelFormatError, PowerInferError
 from powerinfer.loading import load_model, open_checkpoint
+from powerinfer.loading.artifact import FORMAT_VERSION
 from powerinfer.offline.placement import GiB, MiB, plan_placement, required_gpu_bytes
 from powerinfer.offline.profile import generate_calibration_tokens, profile_model, split_windows
 from powerinfer.offline.synth import make_synthetic_relu_model, planted_frequencies
@@ -189,12 +190,12 @@ def test_magnitude_loss_needs_the_ffns_and_matching_magnitudes(synth):
 def test_milp_respects_budget_and_layer_minimum_and_beats_greedy(synth, planted, strategy):
     config = json.loads((synth / "config.json").read_text())
     frequencies = [f.sort(descending=True).values for f in planted]
-    minimum = sum(required_gpu_bytes(config, 256, predictor_parameters=[16 * 1152 + 1024] * 4
+    minimum = sum(required_gpu_bytes(config, 256, predictor_bytes=[2 * (16 * 1152 + 1024)] * 4
                                      if strategy == "predictor" else None).values())
     for extra_mib in (0.25, 1, 2, 4, 8, 16):
         budget = minimum + extra_mib * MiB
         p = plan_placement(config, frequencies, vram_budget_bytes=budget, strategy=strategy, ctx=256,
-                           predictor_parameters=[16 * 1152 + 1024] * 4, neuron_batch=32, min_layer_fraction=0.25)
+                           predictor_bytes=[2 * (16 * 1152 + 1024)] * 4, neuron_batch=32, min_layer_fraction=0.25)
         assert p["gpu_bytes"] <= budget
         for layer in p["layers"]:
             assert layer["n_gpu_neurons"] == 0 or layer["n_gpu_neurons"] >= 256
@@ -208,13 +209,13 @@ def test_budget_below_the_dense_part_still_fills_the_gpu(synth, planted):
     """With room for only some attention layers, those go on the GPU (they are read on every token) and
     the rest stays on the CPU, instead of an error or an idle GPU."""
     config = json.loads((synth / "config.json").read_text())
-    predictors = [16 * 1152 + 1024] * 4
-    minimum = sum(required_gpu_bytes(config, 16, predictor_parameters=predictors).values())
+    predictors = [2 * (16 * 1152 + 1024)] * 4  # bytes of rank-16 float16 predictors
+    minimum = sum(required_gpu_bytes(config, 16, predictor_bytes=predictors).values())
     attention_bytes = 2 * (128 * (128 + 2 * 64) + 128 * 128 + 2 * 16 * 64)  # float16 weights + KV cache
     lm_head_bytes = 2 * 512 * 128
     # neurons active at most half the time: an attention byte saves more CPU reads than a neuron byte
     frequencies = [0.5 * f.sort(descending=True).values for f in planted]
-    p = plan_placement(config, frequencies, strategy="predictor", ctx=16, predictor_parameters=predictors,
+    p = plan_placement(config, frequencies, strategy="predictor", ctx=16, predictor_bytes=predictors,
                        vram_budget_bytes=minimum + lm_head_bytes + 2.5 * attention_bytes)
     assert p["lm_head_on_gpu"] and not p["embeddings_on_gpu"]
     assert [layer["attention_on_gpu"] for layer in p["layers"]].count(True) == 2
@@ -243,7 +244,7 @@ def test_artifact_round_trips_the_dense_model(artifact, synth):
 
 
 def test_manifest_records_strategy_placement_and_checksums(artifact, manifest):
-    assert manifest["format"] == "powerinfer-artifact" and manifest["format_version"] == 1
+    assert manifest["format"] == "powerinfer-artifact" and manifest["format_version"] == FORMAT_VERSION == 2
     assert manifest["strategy"]["name"] in ("predictor", "exact-sparse-down", "dense")
     assert {p["strategy"] for p in manifest["strategy"]["curve"]} >= {"dense", "exact-sparse-down", "predictor"}
     assert manifest["strategy"]["ppl_increase"] <= manifest["strategy"]["ppl_increase_upper"] <= 0.02
@@ -296,11 +297,11 @@ def test_corrupted_file_is_a_checksum_error(artifact, tmp_path):
 def test_newer_format_version_is_refused(artifact, tmp_path, capsys):
     copy = _copy(artifact, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = FORMAT_VERSION + 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert main(["eval", "--model", str(copy), "--data", str(CALIBRATION), "--tokens", "64"]) == 1
     err = capsys.readouterr().err
-    assert "format version 2 is newer" in err and err.count("\n") == 1
+    assert f"format version {FORMAT_VERSION + 1} is newer" in err and err.count("\n") == 1
 
 
 def test_placement_of_another_artifact_is_refused(artifact, tmp_path):

@@ -51,10 +51,14 @@ def add_cpu_dtype_argument(p: argparse.ArgumentParser) -> None:
                         "holds the rest, else float32; bfloat16 halves the bytes the CPU streams per token)")
 
 
-def add_predictor_loss_argument(p: argparse.ArgumentParser) -> None:
+def add_predictor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--predictor-kind", choices=["auto", "low-rank", "int4-gate"], default="auto",
+                   help="low-rank: a trained d -> r -> n_ff MLP; int4-gate: the gate pre-activation from a 4-bit "
+                        "copy of the gate matrix (ReLU-family models); auto: per layer the cheaper of those the "
+                        "model allows at the recall target (default: auto)")
     p.add_argument("--predictor-loss", choices=["magnitude", "count"], default="magnitude",
-                   help="how the predictors' BCE weights active samples: by |h|, so that the neurons they miss "
-                        "are the small ones (magnitude), or all alike (count) (default: magnitude)")
+                   help="how the low-rank predictors' BCE weights active samples: by |h|, so that the neurons they "
+                        "miss are the small ones (magnitude), or all alike (count) (default: magnitude)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from powerinfer.commands._common import (add_predictor_loss_argument, non_negative_float, positive_int,
+from powerinfer.commands._common import (add_predictor_arguments, non_negative_float, positive_int,
                                          probability)
 from powerinfer.commands.plan import add_placement_arguments
 from powerinfer.commands.profile import add_calibration_arguments, add_compute_arguments, resolve_compute
@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
                    help="calibration tokens after the profiled ones, for the quality measurement (default: 4096)")
     p.add_argument("--recall", type=probability, default=0.95,
                    help="predictor recall target on held-out tokens (default: 0.95)")
-    add_predictor_loss_argument(p)
+    add_predictor_arguments(p)
     p.add_argument("--max-ppl-increase", type=non_negative_float, default=0.02,
                    help="largest relative perplexity increase the sparse FFN may cost (default: 0.02)")
     p.add_argument("--choose-by", choices=["auto", "time", "bytes"], default="auto",
@@ -60,6 +60,7 @@ def run(args) -> int:
         out=args.out, vram_budget_gib=args.vram_budget, model=args.model, data=args.data, tokens=args.tokens,
         holdout_tokens=args.holdout_tokens, sample_tokens=args.sample_tokens, window=args.window,
         target_sparsity=args.target_sparsity, recall=args.recall, predictor_loss=args.predictor_loss,
+        predictor_kind=args.predictor_kind,
         max_ppl_increase=args.max_ppl_increase,
         keep_massive=args.keep_massive, sparsity_levels=args.sparsity_levels, ctx=args.ctx,
         gpu_dtype=args.gpu_dtype, cpu_dtype=args.cpu_dtype, weights_dtype=args.weights_dtype,

@@ -40,7 +40,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from powerinfer.errors import PowerInferError
-    from powerinfer.offline.placement import GiB, format_placement, plan_for_artifact, plan_placement
+    from powerinfer.offline.placement import DTYPE_BYTES, GiB, format_placement, plan_for_artifact, plan_placement
+    from powerinfer.offline.predictors import predictor_nbytes
 
     if (args.model is None) == (args.profile is None):
         raise PowerInferError("pass exactly one of --model ARTIFACT_DIR or --profile PROFILE_DIR")
@@ -62,19 +63,18 @@ def run(args) -> int:
         strategy = args.strategy or ("predictor" if trained else "dense")
         if strategy == "predictor" and not trained:
             raise PowerInferError(f"{args.profile}: no trained predictors; run `powerinfer train-predictors`")
-        ranks = [r["rank"] for r in json.loads((Path(args.profile) / "predictors.json").read_text())["layers"]] \
-            if trained else []
-        inputs = dict(config=profile.config,
-                      frequencies=[layer.frequency[hot_first_order(layer, args.keep_massive)] for layer in profile.layers],
-                      n_always_active=args.keep_massive,
-                      predictor_parameters=[_predictor_parameters(profile.config, r) for r in ranks])
+        reports = json.loads((Path(args.profile) / "predictors.json").read_text())["layers"] if trained else []
         settings = {"ctx": args.ctx or 2048, "gpu_dtype": args.gpu_dtype or "float16",
                     "cpu_dtype": args.cpu_dtype or "bfloat16", "neuron_batch": args.neuron_batch or 64,
                     "min_layer_fraction": args.min_layer_fraction or 0.125}
-        placement = plan_placement(inputs["config"], inputs["frequencies"],
+        config = profile.config
+        predictor_bytes = [predictor_nbytes(r.get("kind", "low-rank"), config["hidden_size"],
+                                            config["intermediate_size"], r["rank"], DTYPE_BYTES[settings["gpu_dtype"]])
+                           for r in reports]
+        placement = plan_placement(config,
+                                   [layer.frequency[hot_first_order(layer, args.keep_massive)] for layer in profile.layers],
                                    vram_budget_bytes=int(args.vram_budget * GiB), strategy=strategy,
-                                   n_always_active=inputs["n_always_active"],
-                                   predictor_parameters=inputs["predictor_parameters"], **settings)
+                                   n_always_active=args.keep_massive, predictor_bytes=predictor_bytes, **settings)
     if args.model is not None:
         checkpoint.write_placement(placement)
         written = Path(args.model) / "placement.json"
@@ -88,8 +88,3 @@ def run(args) -> int:
         print(f"written to {written}")
     return 0
 
-
-def _predictor_parameters(config: dict, rank: int) -> int:
-    from powerinfer.offline.predictors import predictor_parameters
-
-    return predictor_parameters(config["hidden_size"], rank, config["intermediate_size"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from powerinfer.commands._common import add_predictor_loss_argument, probability
+from powerinfer.commands._common import add_predictor_arguments, probability
 from powerinfer.commands.profile import add_compute_arguments, resolve_compute
 
 HELP = "train per-layer activation predictors from a `powerinfer profile` directory"
@@ -15,7 +15,7 @@ def add_arguments(p) -> None:
     add_compute_arguments(p)
     p.add_argument("--recall", type=probability, default=0.95,
                    help="recall each layer's threshold is calibrated to on held-out tokens (default: 0.95)")
-    add_predictor_loss_argument(p)
+    add_predictor_arguments(p)
     p.add_argument("--max-fraction", type=probability, default=0.1,
                    help="largest predictor size as a fraction of its FFN's parameters (default: 0.1)")
 
@@ -42,7 +42,8 @@ def run(args) -> int:
     model = load_model(checkpoint, device=device, dtype=torch.float32).model
     predictors, reports = train_predictors(profile.inputs, profile.labels, args.recall,
                                            max_fraction=args.max_fraction, ffns=[block.mlp for block in model.layers],
-                                           loss=args.predictor_loss, device=device, seed=args.seed, progress=True)
+                                           loss=args.predictor_loss, kind=args.predictor_kind, device=device,
+                                           seed=args.seed, progress=True)
     save_predictors(predictors, reports, Path(args.profile))
     print(f"predictors (threshold calibrated for recall {args.recall:g} on held-out tokens):")
     print(format_predictor_table(reports))

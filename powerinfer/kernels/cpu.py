@@ -16,6 +16,8 @@ instead of converting the sparse activation pattern to a dense format.
   the executor's CPU part is one dispatch per layer; a neuron whose h stays 0 never has its down
   row read.
 * dense GEMV: y = x @ W^T for a few tokens (decode), each row read once, long rows four per pass.
+* int4 GEMV: the same over a 4-bit matrix with group scales (the quantized-gate predictor, see
+  ``quantized``).
 
 Threads get one task each: numba hands every thread one equal chunk of a prange (static schedule),
 so more tasks than threads would only add partial sums; the tasks split the active rows evenly.
@@ -345,6 +347,48 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = N
     _gemv_kernel(_float32_array(x), w_np, n_tasks, four_rows, out.numpy())
     return out
 
+
+
+@njit(**_JIT)
+def _int4_gemv_kernel(x, packed, scales, n_tasks, out):
+    # Format: powerinfer.kernels.quantized. One pass per token over the task's rows; per group, the sum of
+    # q * x is scaled once.
+    n_tokens = x.shape[0]
+    rows, n_groups = scales.shape
+    half_group = packed.shape[1] // n_groups
+    for task in prange(n_tasks):
+        lo = task * rows // n_tasks
+        hi = (task + 1) * rows // n_tasks
+        for r in range(lo, hi):
+            row, row_scales = packed[r], scales[r]
+            for t in range(n_tokens):
+                x_t = x[t]
+                acc = np.float32(0.0)
+                for g in range(n_groups):
+                    part = np.float32(0.0)
+                    base = g * half_group
+                    for i in range(half_group):
+                        byte = row[base + i]
+                        part += ((np.float32(byte & 15) - np.float32(8.0)) * x_t[2 * (base + i)]
+                                 + (np.float32(byte >> 4) - np.float32(8.0)) * x_t[2 * (base + i) + 1])
+                    acc += row_scales[g] * part
+                out[t, r] = acc
+
+
+_int4_gemv_kernel_serial = _serial_variant(_int4_gemv_kernel)
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y[T, n] = x @ dequantize_int4(packed, scales)^T for a few float32 tokens (float32 scales)."""
+    packed_np = packed.detach().contiguous().numpy()
+    out = _output(None, (x.shape[0], packed_np.shape[0]))
+    args = (_float32_array(x), packed_np, _float32_array(scales), out.numpy())
+    if _serial(packed_np.nbytes):
+        _int4_gemv_kernel_serial(args[0], args[1], args[2], 1, args[3])
+    else:
+        _int4_gemv_kernel(args[0], args[1], args[2], max(1, min(packed_np.shape[0], numba.get_num_threads())),
+                          args[3])
+    return out
 
 @njit(**_JIT)
 def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, partial, out):

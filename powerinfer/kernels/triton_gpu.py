@@ -46,6 +46,7 @@ _MAX_TOKEN_BLOCK = 64
 _ZERO_BLOCK = 256
 _SUM_BLOCK_SPLITS, _SUM_BLOCK = 64, 64
 _COMPACT_CHUNK, _COMPACT_MAX_PREFIX_BLOCK, _COMPACT_WARPS = 256, 16384, 8
+_INT4_BLOCK_N, _INT4_MAX_BLOCK_P, _INT4_WARPS = 8, 512, 4  # not tuned yet
 
 
 @triton.jit
@@ -208,6 +209,29 @@ def _compact_kernel(mask_ptr, idx_ptr, count_ptr, n, CHUNK: tl.constexpr, PREFIX
         tl.store(count_ptr, before + tl.sum(flags, axis=0))
 
 
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, packed_ptr, scales_ptr, out_ptr, n_rows, half_d, stride_x, stride_p, stride_s,
+                      stride_out, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Format: powerinfer.kernels.quantized; byte i of a row holds columns 2i (low nibble) and 2i + 1.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    token = tl.program_id(1)
+    acc = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
+    for p0 in range(0, half_d, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        ok = offs < half_d
+        both = row_ok[:, None] & ok[None, :]
+        byte = tl.load(packed_ptr + rows[:, None].to(tl.int64) * stride_p + offs[None, :], mask=both, other=0x88)
+        scale = tl.load(scales_ptr + rows[:, None].to(tl.int64) * stride_s + (offs // (GROUP // 2))[None, :],
+                        mask=both, other=0.0).to(tl.float32)
+        x_even = tl.load(x_ptr + token * stride_x + 2 * offs, mask=ok, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + token * stride_x + 2 * offs + 1, mask=ok, other=0.0).to(tl.float32)
+        low = (byte & 15).to(tl.float32) - 8.0
+        high = (byte >> 4).to(tl.float32) - 8.0
+        acc += scale * (low * x_even[None, :] + high * x_odd[None, :])
+    tl.store(out_ptr + token * stride_out + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -320,3 +344,19 @@ def compact_active(mask: torch.Tensor, idx_out: torch.Tensor, count_out: torch.T
         mask, idx_out, count_out, n, CHUNK=_COMPACT_CHUNK,
         PREFIX_BLOCK=min(_COMPACT_MAX_PREFIX_BLOCK, triton.next_power_of_2(n)), num_warps=_COMPACT_WARPS,
     )
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y[T, n] = x @ dequantize_int4(packed, scales)^T in x's dtype (kernels.quantized); graph-capturable."""
+    x, packed, scales = _row_major(x), _row_major(packed), _row_major(scales)
+    n_tokens, n_rows, half_d = x.shape[0], packed.shape[0], packed.shape[1]
+    out = torch.empty((n_tokens, n_rows), dtype=x.dtype, device=x.device)
+    if n_tokens == 0 or n_rows == 0:
+        return out
+    group = 2 * half_d // scales.shape[1]
+    block_p = min(_INT4_MAX_BLOCK_P, triton.next_power_of_2(half_d))
+    _int4_gemv_kernel[(triton.cdiv(n_rows, _INT4_BLOCK_N), n_tokens)](
+        x, packed, scales, out, n_rows, half_d, x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+        GROUP=group, BLOCK_N=_INT4_BLOCK_N, BLOCK_P=block_p, num_warps=_INT4_WARPS,
+    )
+    return out

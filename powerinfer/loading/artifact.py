@@ -24,7 +24,7 @@ from powerinfer.errors import ModelFormatError, PowerInferError
 from powerinfer.loading.tokenizer import Tokenizer
 
 FORMAT = "powerinfer-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: predictors of either kind (models.predictor); 1 is read too
 PLACEMENT_FILE = "placement.json"
 CHECKSUMMED_FILES = ("tokenizer.json", "model.safetensors", "predictors.safetensors", "profile.safetensors")
 
@@ -107,11 +107,13 @@ def write_artifact(dest: str | Path, *, config: dict, tokenizer: Tokenizer, sour
     """Write an artifact atomically.
 
     `weights`: Hugging Face names in the checkpoint's neuron order; `orders[i]`: layer i's hot-first order
-    (original neuron ids); `predictors` (`ActivationPredictor`s) and `profile` (per layer `frequency`,
+    (original neuron ids); `predictors` (models.predictor) and `profile` (per layer `frequency`,
     `mean_abs`, `max_abs`) are in the original order too and are permuted here; `layers` and `placement`
     already refer to the hot-first order.
     """
     from safetensors.torch import save_file
+
+    from powerinfer.models.predictor import predictor_state
 
     dest = Path(dest)
     with atomic_directory(dest, force=force) as tmp:
@@ -125,10 +127,7 @@ def write_artifact(dest: str | Path, *, config: dict, tokenizer: Tokenizer, sour
         save_file(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tensors = {}
         for i, (predictor, order) in enumerate(zip(predictors, orders)):
-            tensors[f"layers.{i}.fc1.weight"] = predictor.fc1.weight.detach().float().cpu().contiguous()
-            tensors[f"layers.{i}.fc2.weight"] = predictor.fc2.weight.detach().float().cpu()[order].contiguous()
-            tensors[f"layers.{i}.fc2.bias"] = predictor.fc2.bias.detach().float().cpu()[order].contiguous()
-            tensors[f"layers.{i}.threshold"] = predictor.threshold.detach().float().cpu().reshape(())
+            tensors.update({f"layers.{i}.{k}": v for k, v in predictor_state(predictor.reordered(order)).items()})
         save_file(tensors, str(tmp / "predictors.safetensors"))
         save_file({f"layers.{i}.{name}": t.float()[order].contiguous()
                    for i, (stats, order) in enumerate(zip(profile, orders)) for name, t in stats.items()},
@@ -258,18 +257,17 @@ class ArtifactCheckpoint:
                     for i in range(self.config["num_hidden_layers"])]
 
     def predictors(self, device="cpu") -> list:
-        """The per-layer `ActivationPredictor`s (outputs in hot-first order)."""
-        from powerinfer.models.predictor import ActivationPredictor
+        """The per-layer predictors (models.predictor; outputs in hot-first order)."""
+        from powerinfer.models.predictor import predictor_from_state
 
         d, n_ff = self.config["hidden_size"], self.config["intermediate_size"]
         out = []
         with self._open("predictors.safetensors") as f:
+            names = list(f.keys())
             for i in range(self.config["num_hidden_layers"]):
-                state = {k: f.get_tensor(f"layers.{i}.{k}")
-                         for k in ("fc1.weight", "fc2.weight", "fc2.bias", "threshold")}
-                predictor = ActivationPredictor(d, state["fc1.weight"].shape[0], n_ff)
-                predictor.load_state_dict(state)
-                out.append(predictor.to(device).eval())
+                prefix = f"layers.{i}."
+                state = {name[len(prefix):]: f.get_tensor(name) for name in names if name.startswith(prefix)}
+                out.append(predictor_from_state(state, d, n_ff).to(device).eval())
         return out
 
     def profile(self) -> list[dict[str, torch.Tensor]]:

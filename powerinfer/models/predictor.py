@@ -1,17 +1,27 @@
-"""Per-layer activation predictor (PowerInfer §5.1; Deja Vu, Liu et al. 2023, arXiv 2310.17157).
+"""Per-layer activation predictors (PowerInfer §5.1; Deja Vu, Liu et al. 2023, arXiv 2310.17157).
 
-A low-rank MLP d -> r -> n_ff that, from the FFN's input (the post-attention RMSNorm output), scores each
-FFN neuron; neurons whose logit exceeds the layer's calibrated `threshold` are predicted active. Its output
-index i refers to neuron i in the artifact's hot-first order, not the checkpoint's original order.
+Each scores every FFN neuron from the FFN's input (the post-attention RMSNorm output); neurons whose score
+exceeds the layer's calibrated `threshold` are predicted active. Output index i refers to neuron i in the
+artifact's hot-first order, not the checkpoint's original order.
+
+* `ActivationPredictor` ("low-rank"): a trained low-rank MLP d -> r -> n_ff, as in PowerInfer.
+* `QuantizedGatePredictor` ("int4-gate"): the gate pre-activation computed from a 4-bit copy of the gate
+  matrix (kernels.quantized), for ReLU-family FFNs, where the gate alone decides which neurons are active.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
+from powerinfer.kernels.quantized import int4_gemv, quantize_int4
+
 
 class ActivationPredictor(nn.Module):
+    kind = "low-rank"
+
     def __init__(self, hidden_size: int, rank: int, intermediate_size: int):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, rank, bias=False)
@@ -22,6 +32,10 @@ class ActivationPredictor(nn.Module):
     def rank(self) -> int:
         return self.fc1.out_features
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc1.weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] -> logits [..., n_ff]."""
         return self.fc2(torch.relu(self.fc1(x)))
@@ -29,3 +43,76 @@ class ActivationPredictor(nn.Module):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean mask [..., n_ff] of neurons predicted active."""
         return self(x) > self.threshold
+
+    def reordered(self, order: torch.Tensor) -> ActivationPredictor:
+        """A copy whose output i is this one's output order[i]."""
+        out = copy.deepcopy(self)
+        with torch.no_grad():
+            out.fc2.weight.copy_(self.fc2.weight[order])
+            out.fc2.bias.copy_(self.fc2.bias[order])
+        return out
+
+
+class QuantizedGatePredictor(nn.Module):
+    """Scores = x @ Q(W_gate)^T with Q a 4-bit, group-scaled copy; the score estimates the gate
+    pre-activation, so its threshold sits near the FFN's own (0, or FATReLU's)."""
+
+    kind = "int4-gate"
+
+    def __init__(self, hidden_size: int, intermediate_size: int, group_size: int):
+        super().__init__()
+        self.register_buffer("packed", torch.zeros(intermediate_size, hidden_size // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(intermediate_size, hidden_size // group_size))
+        self.register_buffer("threshold", torch.zeros(()))
+
+    @staticmethod
+    def group_size_for(hidden_size: int) -> int | None:
+        """The scale group for inputs of this width: 64, else 32; None when neither divides it."""
+        return next((g for g in (64, 32) if hidden_size % g == 0), None)
+
+    @classmethod
+    def from_gate(cls, gate: torch.Tensor, group_size: int) -> QuantizedGatePredictor:
+        n_ff, d = gate.shape
+        predictor = cls(d, n_ff, group_size)
+        packed, scales = quantize_int4(gate, group_size)
+        predictor.packed.copy_(packed)
+        predictor.scales.copy_(scales)
+        return predictor.to(gate.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d] -> scores [..., n_ff]."""
+        flat = x.reshape(-1, x.shape[-1])
+        return int4_gemv(flat.to(self.scales.dtype), self.packed, self.scales).view(*x.shape[:-1], -1)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x) > self.threshold
+
+    def reordered(self, order: torch.Tensor) -> QuantizedGatePredictor:
+        out = copy.deepcopy(self)
+        out.packed.copy_(self.packed[order])
+        out.scales.copy_(self.scales[order])
+        return out
+
+
+PREDICTOR_KINDS = {cls.kind: cls for cls in (ActivationPredictor, QuantizedGatePredictor)}
+
+
+def predictor_state(predictor: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to store: floating-point tensors as float32, on the CPU."""
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+            for k, v in predictor.state_dict().items()}
+
+
+def predictor_from_state(state: dict[str, torch.Tensor], hidden_size: int, intermediate_size: int) -> nn.Module:
+    """A predictor of either kind from its state dict (the kind is told by the tensor names)."""
+    if "packed" in state:
+        predictor = QuantizedGatePredictor(hidden_size, intermediate_size,
+                                           hidden_size // state["scales"].shape[1])
+    else:
+        predictor = ActivationPredictor(hidden_size, state["fc1.weight"].shape[0], intermediate_size)
+    predictor.load_state_dict(state)
+    return predictor

@@ -25,9 +25,9 @@ from powerinfer.loading import load_model
 from powerinfer.loading.artifact import source_fingerprint, write_artifact
 from powerinfer.models.llama import to_hf_weights
 from powerinfer.offline.evaluate import choose_strategy, h_quantile_thresholds, measure_curve, within_budget
-from powerinfer.offline.placement import (GiB, check_vram_budget, plan_placement, relative_ffn_bytes,
+from powerinfer.offline.placement import (DTYPE_BYTES, GiB, check_vram_budget, plan_placement, relative_ffn_bytes,
                                          required_gpu_bytes)
-from powerinfer.offline.predictors import recall_targets, train_predictors
+from powerinfer.offline.predictors import predictor_nbytes, recall_targets, train_predictors
 from powerinfer.offline.profile import (EXACT_ZERO_ACTIVATIONS, generate_calibration_tokens, hot_first_order,
                                         profile_model, read_text_file, split_windows, tokenize_text)
 from powerinfer.offline.speed import time_strategies
@@ -52,6 +52,7 @@ class BuildOptions:
     # on a ReLU-fied SmolLM2 magnitude cut the perplexity cost at equal recall 3x
     # (benchmarks/results/relufied_smollm2_predictors_h100.json)
     predictor_loss: str = "magnitude"
+    predictor_kind: str = "auto"  # "low-rank", "int4-gate", or "auto": per layer the cheapest allowed (offline.predictors)
     max_ppl_increase: float = 0.02
     keep_massive: int = 4
     sparsity_levels: tuple = DEFAULT_SPARSITY_LEVELS
@@ -120,6 +121,7 @@ def build_artifact(opts: BuildOptions) -> dict:
 
     predictors, reports = train_predictors(profile.inputs, profile.labels, opts.recall,
                                            ffns=[block.mlp for block in model.layers], loss=opts.predictor_loss,
+                                           kind=opts.predictor_kind,
                                            device=opts.device, seed=opts.seed, progress=opts.progress)
     t = stage("predictors", t)
 
@@ -131,7 +133,7 @@ def build_artifact(opts: BuildOptions) -> dict:
     # massive neurons (largest |h|) are first in the hot-first order and always computed
     orders = [hot_first_order(layer, opts.keep_massive) for layer in profile.layers]
     n_always_active = min(opts.keep_massive, n_ff)
-    reordered = [_permuted(predictor, order).to(opts.device) for predictor, order in zip(predictors, orders)]
+    reordered = [predictor.reordered(order).to(opts.device) for predictor, order in zip(predictors, orders)]
     ppl_dense, curve = _measure_reordered(model, orders, split_windows(holdout_tokens, opts.window), profile,
                                           reordered, reports, recall_targets(opts.recall), h_thresholds, levels,
                                           n_always_active, predictor_fraction, opts.progress)
@@ -151,7 +153,9 @@ def build_artifact(opts: BuildOptions) -> dict:
     frequencies = [layer.frequency[order] for layer, order in zip(profile.layers, orders)]
     placement = plan_placement(
         args.to_config(), frequencies, vram_budget_bytes=int(opts.vram_budget_gib * GiB), strategy=chosen.strategy,
-        n_always_active=n_always_active, predictor_parameters=[r.parameters for r in reports], ctx=opts.ctx,
+        n_always_active=n_always_active, predictor_bytes=[predictor_nbytes(r.kind, d, n_ff, r.rank,
+                                                                           DTYPE_BYTES[opts.gpu_dtype])
+                                                          for r in reports], ctx=opts.ctx,
         gpu_dtype=opts.gpu_dtype, cpu_dtype=opts.cpu_dtype, neuron_batch=opts.neuron_batch,
         min_layer_fraction=opts.min_layer_fraction)
     t = stage("placement", t)
@@ -188,7 +192,8 @@ def build_artifact(opts: BuildOptions) -> dict:
 
 def _layer_record(n_ff, layer, report, predictor, h_threshold, n_always_active) -> dict:
     """One layer's manifest entry (docs/ARTIFACT.md, `layers[i]`)."""
-    return {"n_ff": n_ff, "rank": report.rank, "threshold": predictor.threshold.item(),
+    return {"n_ff": n_ff, "predictor_kind": report.kind, "rank": report.rank,
+            "threshold": predictor.threshold.item(),
             "recall": report.recall, "precision": report.precision,
             "predicted_sparsity": report.predicted_sparsity, "sparsity": layer.sparsity,
             "skew": layer.skew, "active_threshold": layer.active_threshold,
@@ -275,20 +280,9 @@ def build_in_memory(loaded, tokens: torch.Tensor, *, recall: float = 0.95, keep_
     }
     return MemoryArtifact(
         str(loaded.checkpoint.path), manifest, tokenizer, tensors,
-        [_permuted(p, order).cpu() for p, order in zip(predictors, orders)],
+        [p.reordered(order).cpu() for p, order in zip(predictors, orders)],
         [{k: v[order] for k, v in layer.tensors().items()} for layer, order in zip(profile.layers, orders)],
         orders, loaded.checkpoint.rope_freq_factors())
-
-
-def _permuted(predictor, order: torch.Tensor):
-    """A copy of `predictor` whose outputs follow `order` (hot-first)."""
-    import copy
-
-    out = copy.deepcopy(predictor)
-    with torch.no_grad():
-        out.fc2.weight.copy_(predictor.fc2.weight[order])
-        out.fc2.bias.copy_(predictor.fc2.bias[order])
-    return out
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ class PredictedSparseFFN(nn.Module):
         h = ffn_activation(gate, up, self.ffn.activation, self.ffn.threshold)
         predicted = None
         if self.predictor is not None:
-            logits = self.predictor(x.to(self.predictor.fc1.weight.dtype))
+            logits = self.predictor(x.to(self.predictor.dtype))
             predicted = logits > self.predictor_threshold
             predicted[..., :self.n_always_active] = True
             active = h.abs() > self.active_threshold

@@ -92,12 +92,12 @@ def allocator_bytes(config: dict, ctx: int, gpu_dtype: str) -> int:
 
 
 def required_gpu_bytes(config: dict, ctx: int, gpu_dtype: str = "float16", prefill_chunk: int = 512,
-                       predictor_parameters: list[int] | None = None) -> dict:
+                       predictor_bytes: list[int] | None = None) -> dict:
     """The minimum working set by category: norms, predictors (None: not used), workspace, allocator."""
     s, g = _Shapes.from_config(config), DTYPE_BYTES[gpu_dtype]
     return {"norms": g * s.d * (2 * s.layers + 1),
-            "predictors": g * sum(predictor_parameters) if predictor_parameters is not None else 0,
-            "workspace": workspace_bytes(config, ctx, prefill_chunk, gpu_dtype, predictor_parameters is not None),
+            "predictors": sum(predictor_bytes) if predictor_bytes is not None else 0,
+            "workspace": workspace_bytes(config, ctx, prefill_chunk, gpu_dtype, predictor_bytes is not None),
             "allocator": allocator_bytes(config, ctx, gpu_dtype)}
 
 
@@ -113,7 +113,7 @@ def check_vram_budget(vram_budget_bytes: float, required: dict, ctx: int) -> Non
 
 
 def plan_placement(config: dict, frequencies: list[torch.Tensor], *, vram_budget_bytes: int, strategy: str,
-                   n_always_active: int = 0, predictor_parameters: list[int] | None = None, ctx: int = 2048,
+                   n_always_active: int = 0, predictor_bytes: list[int] | None = None, ctx: int = 2048,
                    gpu_dtype: str = "float16", cpu_dtype: str = "bfloat16", neuron_batch: int = 64,
                    min_layer_fraction: float = 0.125, prefill_chunk: int = 512,
                    time_limit_s: float = 60.0) -> dict:
@@ -127,7 +127,7 @@ def plan_placement(config: dict, frequencies: list[torch.Tensor], *, vram_budget
     g, c = DTYPE_BYTES[gpu_dtype], DTYPE_BYTES[cpu_dtype]
     uses_predictor = strategy == "predictor"
     required = required_gpu_bytes(config, ctx, gpu_dtype, prefill_chunk,
-                                  predictor_parameters if uses_predictor else None)
+                                  predictor_bytes if uses_predictor else None)
     check_vram_budget(vram_budget_bytes, required, ctx)
     minimum = sum(required.values())
 
@@ -300,7 +300,7 @@ def plan_for_artifact(checkpoint, vram_budget_bytes: int, strategy: str | None =
     """Re-plan an artifact (`ArtifactCheckpoint`) for another budget from its stored profile, without
     re-profiling. `overrides` (ctx, gpu_dtype, cpu_dtype, neuron_batch, min_layer_fraction) default to
     the values the artifact was built with; None means the same."""
-    from powerinfer.offline.predictors import predictor_parameters
+    from powerinfer.offline.predictors import predictor_nbytes
 
     manifest, build = checkpoint.manifest, checkpoint.manifest["build"]
     config = manifest["config"]
@@ -309,5 +309,6 @@ def plan_for_artifact(checkpoint, vram_budget_bytes: int, strategy: str | None =
     return plan_placement(
         config, [p["frequency"] for p in checkpoint.profile()], vram_budget_bytes=vram_budget_bytes,
         strategy=strategy or manifest["strategy"]["name"], n_always_active=manifest["layers"][0]["n_always_active"],
-        predictor_parameters=[predictor_parameters(config["hidden_size"], layer["rank"], config["intermediate_size"])
-                              for layer in manifest["layers"]], **settings)
+        predictor_bytes=[predictor_nbytes(layer.get("predictor_kind", "low-rank"), config["hidden_size"],
+                                          config["intermediate_size"], layer["rank"], DTYPE_BYTES[settings["gpu_dtype"]])
+                         for layer in manifest["layers"]], **settings)

@@ -10,13 +10,20 @@ version predicts fewer neurons at the recall target is kept. With `loss="magnitu
 BCE term is weighted by its |h| relative to the layer's mean active |h|, so that the neurons a predictor
 misses are the small ones (recall is still counted in neurons).
 
+For a ReLU-family FFN a second kind is tried too: `QuantizedGatePredictor`, the gate pre-activation from a
+4-bit copy of the gate matrix (kernels.quantized; SparseInfer, arXiv 2411.12692, uses sign bits only). It needs
+no training, only its threshold calibrated, and at ~9% of the FFN's 16-bit bytes it sees what decides
+activity itself rather than a rank-r shadow of it; measured on the tiny ReLU model, recall 0.99 at a
+predicted sparsity of 0.90 where the true one is 0.92 (docs/OFFLINE.md).
+
 PowerInfer sizes each layer's predictor from its sparsity and skew; here the size comes from a measured
 cost instead: ranks from a ladder are tried smallest first,
 each with its decision threshold calibrated on held-out tokens so that it keeps `recall` of the truly
 active neurons, and the climb stops at the first rank whose expected per-token work — predictor weights
 plus the FFN rows of predicted-active neurons — does not beat the previous rank's. A sparse, skewed layer
 thus earns a larger predictor; a dense or unpredictable one keeps the smallest. No layer's predictor
-exceeds `max_fraction` (10%) of its FFN's parameters, so the total stays within that share too.
+exceeds `max_fraction` (10%) of its FFN's size (both counted in 16-bit words), so the total stays within
+that share too. The layer keeps whichever kind costs least per token.
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from powerinfer.errors import PowerInferError
-from powerinfer.models.predictor import ActivationPredictor
+from powerinfer.models.predictor import (PREDICTOR_KINDS, ActivationPredictor, QuantizedGatePredictor,
+                                         predictor_state)
 
 RANK_LADDER = (16, 32, 64, 128, 256, 512, 1024)
 LOSSES = ("count", "magnitude")  # how active samples are weighted in the BCE (module docstring)
+KIND_CHOICES = ("auto", *PREDICTOR_KINDS)  # auto: every kind the layer allows, the cheapest kept
+GATE_DECIDES = ("relu", "drelu")  # activations whose active set the gate pre-activation decides (or bounds)
 RECALL_TARGETS = (0.99, 0.95)  # stricter operating points the build also measures
 HOLDOUT_FRACTION = 0.2
 MAX_POS_WEIGHT = 10.0
@@ -50,17 +60,30 @@ def predictor_parameters(d: int, rank: int, n_ff: int) -> int:
     return rank * (d + n_ff) + n_ff
 
 
+def quantized_gate_words(d: int, n_ff: int) -> int:
+    """An int4-gate predictor's size in 16-bit words: packed nibbles plus one 16-bit scale per group."""
+    return n_ff * d // 4 + n_ff * (d // QuantizedGatePredictor.group_size_for(d))
+
+
+def predictor_nbytes(kind: str, d: int, n_ff: int, rank: int, dtype_bytes: int) -> int:
+    """Bytes of one predictor whose floating-point tensors are stored `dtype_bytes` wide."""
+    if kind == QuantizedGatePredictor.kind:
+        return n_ff * d // 2 + dtype_bytes * n_ff * (d // QuantizedGatePredictor.group_size_for(d))
+    return dtype_bytes * predictor_parameters(d, rank, n_ff)
+
+
 @dataclass
 class LayerReport:
-    rank: int
+    rank: int  # 0 for the int4-gate kind
     recall: float  # on held-out tokens, at `threshold`
     precision: float
     predicted_sparsity: float
     sparsity: float  # true sparsity of the held-out tokens
     threshold: float
-    parameters: int
+    parameters: int  # size in 16-bit words (a low-rank predictor's parameter count)
     thresholds: dict = field(default_factory=dict)  # recall target -> logit threshold
-    tried: list = field(default_factory=list)  # per rank tried: rank, predicted_sparsity, cost
+    tried: list = field(default_factory=list)  # per candidate: kind, rank, predicted_sparsity, cost
+    kind: str = ActivationPredictor.kind
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items()}
@@ -146,13 +169,15 @@ class _Candidate:
 
 def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: float = 0.95,
                           gate: torch.Tensor | None = None, magnitudes: torch.Tensor | None = None,
+                          kinds: tuple[str, ...] = (ActivationPredictor.kind,),
                           ladder=RANK_LADDER, max_fraction: float = 0.1,
                           epochs: int = 20, batch_size: int = 256, lr: float = 1e-2, device="cpu",
                           seed: int = 0
-                          ) -> tuple[ActivationPredictor, LayerReport]:
-    """Train one layer's predictor on (FFN input, active set) samples, starting from `gate` (the layer's
-    [n_ff, d] gate matrix, checkpoint neuron order) when given, and weighting each active sample by
-    `magnitudes` (|h| of the samples, [n, n_ff]) when given; see the module docstring."""
+                          ) -> tuple[torch.nn.Module, LayerReport]:
+    """One layer's predictor from (FFN input, active set) samples, of the cheapest of `kinds`. The low-rank
+    kind starts from `gate` (the layer's [n_ff, d] gate matrix, checkpoint neuron order) when given and
+    weights each active sample by `magnitudes` (|h| of the samples, [n, n_ff]) when given; the int4-gate
+    kind quantizes `gate`. See the module docstring."""
     n, d = inputs.shape
     n_ff = labels.shape[1]
     if n < 10:
@@ -160,62 +185,84 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
     if gate is not None and tuple(gate.shape) != (n_ff, d):
         raise PowerInferError(f"gate matrix of shape {tuple(gate.shape)} does not match the profile's "
                               f"{n_ff} neurons x {d} inputs")
+    if QuantizedGatePredictor.kind in kinds and (gate is None or QuantizedGatePredictor.group_size_for(d) is None):
+        raise PowerInferError("the int4-gate predictor needs the layer's gate matrix and a hidden size "
+                              "divisible by 32")
+    if magnitudes is not None and tuple(magnitudes.shape) != tuple(labels.shape):
+        raise PowerInferError(f"magnitudes of shape {tuple(magnitudes.shape)} for labels {tuple(labels.shape)}")
     split = n - max(1, round(HOLDOUT_FRACTION * n))
     batch_size = max(batch_size, split // STEPS_PER_EPOCH)  # many tokens: bigger batches, not more steps
     x = inputs.to(device=device, dtype=torch.float32)
     y = labels.to(device)
     held_inputs, held_labels = x[split:], y[split:]
-    weights = None
-    if magnitudes is not None:
-        if tuple(magnitudes.shape) != tuple(labels.shape):
-            raise PowerInferError(f"magnitudes of shape {tuple(magnitudes.shape)} for labels {tuple(labels.shape)}")
-        magnitude = magnitudes[:split].to(device, torch.float32)
-        scale = magnitude[y[:split]].mean().clamp_min(1e-12)
-        weights = torch.where(y[:split], (magnitude / scale).clamp(max=MAX_POS_WEIGHT), 1.0)
     ffn_parameters = 3 * d * n_ff
-    budget = max_fraction * ffn_parameters
-    ranks = [r for r in ladder if predictor_parameters(d, r, n_ff) <= budget]
-    # the ladder's next step may just miss the budget: also try the largest rank within it (a multiple of 16)
-    largest = int((budget - n_ff) // (d + n_ff))
-    largest = largest - largest % 16 if largest >= 16 else max(1, largest)
-    if not ranks or (largest > ranks[-1] and largest < max(ladder)):
-        ranks.append(largest)
 
-    def evaluated(predictor: ActivationPredictor) -> _Candidate:
+    def evaluated(predictor) -> _Candidate:
         with torch.no_grad():
             logits = predictor(held_inputs)
         threshold = calibrate_threshold(logits[held_labels], recall)
         return _Candidate(predictor, logits, threshold, *_metrics(logits, held_labels, threshold))
 
     best, tried = None, []
-    for rank in ranks:
-        from_gate = gate is not None and rank >= 2
-        if from_gate:
-            start = evaluated(gate_initialized(x[:split], gate, rank))
-            candidates = [start]
-            if start.precision < PRECISE_ENOUGH:  # else fine-tuning has no false positives left to remove
-                candidates.append(evaluated(_train(x[:split], y[:split], rank, epochs, batch_size, lr, seed,
-                                                   start.predictor, weights)))
-        else:
-            candidates = [evaluated(_train(x[:split], y[:split], rank, epochs, batch_size, lr, seed,
-                                           weights=weights))]
-        chosen = max(candidates, key=lambda c: c.predicted_sparsity)
-        parameters = predictor_parameters(d, rank, n_ff)
-        cost = parameters + (1 - chosen.predicted_sparsity) * ffn_parameters
-        tried.append({"rank": rank, "predicted_sparsity": chosen.predicted_sparsity, "cost": cost,
-                      "start": "gate" if from_gate else "random",
-                      "fine_tuned": not from_gate or chosen is not candidates[0]})
+
+    def consider(candidate: _Candidate, kind: str, rank: int, size: int, **notes) -> bool:
+        """Record the candidate; keep it if it is the cheapest so far. False: it was not."""
+        nonlocal best
+        cost = size + (1 - candidate.predicted_sparsity) * ffn_parameters
+        tried.append({"kind": kind, "rank": rank, "predicted_sparsity": candidate.predicted_sparsity,
+                      "cost": cost, **notes})
         if best is not None and cost >= best[0]:
-            break
-        active_logits = chosen.logits[held_labels]
+            return False
+        active_logits = candidate.logits[held_labels]
         thresholds = {str(t): calibrate_threshold(active_logits, t) for t in recall_targets(recall)}
-        report = LayerReport(rank, chosen.recall, chosen.precision, chosen.predicted_sparsity,
-                             1 - held_labels.float().mean().item(), chosen.threshold, parameters, thresholds)
-        best = (cost, chosen.predictor.eval(), report)
+        report = LayerReport(rank, candidate.recall, candidate.precision, candidate.predicted_sparsity,
+                             1 - held_labels.float().mean().item(), candidate.threshold, size, thresholds,
+                             kind=kind)
+        best = (cost, candidate.predictor.eval(), report)
+        return True
+
+    if QuantizedGatePredictor.kind in kinds:  # no training: quantize and calibrate
+        group = QuantizedGatePredictor.group_size_for(d)
+        consider(evaluated(QuantizedGatePredictor.from_gate(gate.to(device), group)),
+                 QuantizedGatePredictor.kind, 0, quantized_gate_words(d, n_ff))
+    if ActivationPredictor.kind in kinds:
+        _climb_ladder(x[:split], y[:split], magnitudes, gate, ladder, max_fraction * ffn_parameters,
+                      evaluated, consider, dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed))
     _, predictor, report = best
     report.tried = tried
     predictor.threshold.fill_(report.threshold)
     return predictor.cpu(), report
+
+
+def _climb_ladder(x, y, magnitudes, gate, ladder, budget, evaluated, consider, train_options) -> None:
+    """Low-rank predictors of increasing rank until one costs no less than the best so far."""
+    n_ff, d = y.shape[1], x.shape[1]
+    weights = None
+    if magnitudes is not None:
+        magnitude = magnitudes[:x.shape[0]].to(x.device, torch.float32)
+        scale = magnitude[y].mean().clamp_min(1e-12)
+        weights = torch.where(y, (magnitude / scale).clamp(max=MAX_POS_WEIGHT), 1.0)
+    ranks = [r for r in ladder if predictor_parameters(d, r, n_ff) <= budget]
+    # the ladder's next step may just miss the budget: also try the largest rank within it (a multiple of 16)
+    largest = int((budget - n_ff) // (d + n_ff))
+    largest = largest - largest % 16 if largest >= 16 else max(1, largest)
+    if not ranks or (largest > ranks[-1] and largest < max(ladder)):
+        ranks.append(largest)
+    for rank in ranks:
+        from_gate = gate is not None and rank >= 2
+        if from_gate:
+            start = evaluated(gate_initialized(x, gate, rank))
+            candidates = [start]
+            if start.precision < PRECISE_ENOUGH:  # else fine-tuning has no false positives left to remove
+                candidates.append(evaluated(_train(x, y, rank, start=start.predictor, weights=weights,
+                                                   **train_options)))
+        else:
+            candidates = [evaluated(_train(x, y, rank, weights=weights, **train_options))]
+        chosen = max(candidates, key=lambda c: c.predicted_sparsity)
+        if not consider(chosen, ActivationPredictor.kind, rank, predictor_parameters(d, rank, n_ff),
+                        start="gate" if from_gate else "random",
+                        fine_tuned=not from_gate or chosen is not candidates[0]):
+            break
 
 
 def ffn_gate(ffn) -> torch.Tensor:
@@ -233,12 +280,28 @@ def ffn_magnitudes(ffn, inputs: torch.Tensor) -> torch.Tensor:
         return ffn_activation(gate, up, ffn.activation, ffn.threshold).abs().float()
 
 
+def layer_kinds(kind: str, ffn, hidden_size: int) -> tuple[str, ...]:
+    """The predictor kinds to try for a layer: `kind`, or for "auto" every kind the layer allows (the
+    int4-gate one where the FFN's gate decides activity and its width splits into scale groups)."""
+    if kind not in KIND_CHOICES:
+        raise PowerInferError(f"unknown predictor kind {kind!r} (choose from {', '.join(KIND_CHOICES)})")
+    gate_ok = (ffn is not None and ffn.activation in GATE_DECIDES
+               and QuantizedGatePredictor.group_size_for(hidden_size) is not None)
+    if kind == QuantizedGatePredictor.kind and not gate_ok:
+        raise PowerInferError(f"the {kind} predictor needs a ReLU-family model ({', '.join(GATE_DECIDES)}) "
+                              "with a hidden size divisible by 32, and its FFN weights")
+    if kind != "auto":
+        return (kind,)
+    return tuple(PREDICTOR_KINDS) if gate_ok else (ActivationPredictor.kind,)
+
+
 def train_predictors(inputs: list[torch.Tensor], labels: list[torch.Tensor], recall: float = 0.95,
-                     max_fraction: float = 0.1, ffns: list | None = None, loss: str = "count", device="cpu",
-                     seed: int = 0, progress: bool = False,
-                     **kwargs) -> tuple[list[ActivationPredictor], list[LayerReport]]:
+                     max_fraction: float = 0.1, ffns: list | None = None, loss: str = "count",
+                     kind: str = "auto", device="cpu", seed: int = 0, progress: bool = False,
+                     **kwargs) -> tuple[list[torch.nn.Module], list[LayerReport]]:
     """One predictor per layer from the profile's samples; with the model's FeedForward modules (`ffns`),
-    each starts from its layer's gate matrix, and `loss="magnitude"` weights active samples by |h|."""
+    low-rank ones start from the layer's gate matrix, `loss="magnitude"` weights active samples by |h|, and
+    ReLU-family layers may take the int4-gate kind (`kind`: see `layer_kinds`)."""
     if not 0 < recall <= 1:
         raise PowerInferError(f"--recall must be in (0, 1], got {recall}")
     if loss not in LOSSES:
@@ -253,11 +316,14 @@ def train_predictors(inputs: list[torch.Tensor], labels: list[torch.Tensor], rec
         layers = tqdm(layers, desc="training predictors", unit="layer", leave=False)
     predictors, reports = [], []
     for i in layers:
-        gate = None if ffns is None else ffn_gate(ffns[i])
-        magnitudes = ffn_magnitudes(ffns[i], inputs[i]) if loss == "magnitude" else None
+        ffn = None if ffns is None else ffns[i]
+        kinds = layer_kinds(kind, ffn, inputs[i].shape[1])
+        gate = None if ffn is None else ffn_gate(ffn)
+        magnitudes = (ffn_magnitudes(ffn, inputs[i]) if loss == "magnitude" and ActivationPredictor.kind in kinds
+                      else None)
         predictor, report = train_layer_predictor(inputs[i], labels[i], recall, gate=gate, magnitudes=magnitudes,
-                                                  max_fraction=max_fraction, device=device, seed=seed + i,
-                                                  **kwargs)
+                                                  kinds=kinds, max_fraction=max_fraction, device=device,
+                                                  seed=seed + i, **kwargs)
         predictors.append(predictor)
         reports.append(report)
     return predictors, reports
@@ -266,7 +332,8 @@ def train_predictors(inputs: list[torch.Tensor], labels: list[torch.Tensor], rec
 def format_predictor_table(reports: list[LayerReport]) -> str:
     lines = [f"{'layer':>5}  {'rank':>5}  {'recall':>6}  {'precision':>9}  {'pred. sparsity':>14}  {'sparsity':>8}"]
     for i, r in enumerate(reports):
-        lines.append(f"{i:>5}  {r.rank:>5}  {r.recall:>6.3f}  {r.precision:>9.3f}  "
+        size = r.rank if r.kind == ActivationPredictor.kind else "int4"
+        lines.append(f"{i:>5}  {size:>5}  {r.recall:>6.3f}  {r.precision:>9.3f}  "
                      f"{r.predicted_sparsity:>14.3f}  {r.sparsity:>8.3f}")
     n = len(reports)
     lines.append(f"{'mean':>5}  {'':>5}  {sum(r.recall for r in reports) / n:>6.3f}  "
@@ -275,14 +342,13 @@ def format_predictor_table(reports: list[LayerReport]) -> str:
     return "\n".join(lines)
 
 
-def save_predictors(predictors: list[ActivationPredictor], reports: list[LayerReport], directory: Path) -> None:
+def save_predictors(predictors: list[torch.nn.Module], reports: list[LayerReport], directory: Path) -> None:
     """predictors.safetensors (checkpoint neuron order) and predictors.json next to a profile."""
     from safetensors.torch import save_file
 
     from powerinfer.loading.artifact import write_json_atomic
 
-    tensors = {f"layers.{i}.{k}": v.detach().float().contiguous()
-               for i, p in enumerate(predictors) for k, v in p.state_dict().items()}
+    tensors = {f"layers.{i}.{k}": v for i, p in enumerate(predictors) for k, v in predictor_state(p).items()}
     tmp = directory / ".predictors.safetensors.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(directory / "predictors.safetensors")
