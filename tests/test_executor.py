@@ -71,6 +71,27 @@ def test_hybrid_on_cpu_generates_the_same_tokens_as_cpu_mode(relu_model):
                                                         ignore_eos=True).tokens)
     assert outs[0] == outs[1]
 
+def test_int4_gate_predictors_run_the_sparse_modes(relu_model):
+    """int4-gate predictors (each layer's gate in 4 bits, threshold 0): cpu and hybrid-on-CPU generate the same
+    tokens, and their logits stay close to dense (only neurons at the gate's zero crossing can be missed)."""
+    from powerinfer.models.predictor import QuantizedGatePredictor
+
+    prompt = [256, 5, 6, 7, 8]
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    want = _logits(load_model(relu_model), ids)
+    outs = []
+    for mode, placement in (("cpu", None), ("hybrid", _placement(3, [60, 120, 180]))):
+        loaded = load_model(relu_model)
+        gates = [b.mlp.gate_up_proj.weight.detach().chunk(2)[0] for b in loaded.model.layers]
+        predictors = [QuantizedGatePredictor.from_gate(gate, 64) for gate in gates]
+        run = build_executor(loaded, mode, hot_device="cpu", predictors=predictors, placement=placement)
+        outs.append(Generator(run, context=64).generate(prompt, max_tokens=24, sampling=GREEDY,
+                                                        ignore_eos=True).tokens)
+        got = _logits(build_executor(load_model(relu_model), mode, hot_device="cpu", placement=placement,
+                                     predictors=[QuantizedGatePredictor.from_gate(g, 64) for g in gates]), ids)
+        assert (got - want).norm() / want.norm() < 0.05
+    assert outs[0] == outs[1]
+
 def test_skipped_neurons_change_the_output(relu_model):
     """Guard against a vacuous oracle test: a predictor that misses active neurons must show up."""
     loaded = load_model(relu_model)

@@ -49,7 +49,7 @@ def planted(synth) -> list[torch.Tensor]:
 def artifact(synth, tmp_path_factory) -> Path:
     """Built with the defaults that matter (self-generated calibration text), float32 weights."""
     out = tmp_path_factory.mktemp("artifact") / "synth.pi"
-    rc = main(["build", "--model", str(synth), "--vram-budget", "0.008", "--ctx", "256", "--tokens", "4096",
+    rc = main(["build", "--model", str(synth), "--vram-budget", "0.032", "--ctx", "256", "--tokens", "4096",
                "--holdout-tokens", "1024", "--weights-dtype", "float32", "--device", "cpu", "-o", str(out)])
     assert rc == 0
     return out
@@ -184,6 +184,71 @@ def test_magnitude_loss_needs_the_ffns_and_matching_magnitudes(synth):
     assert report.recall >= 0.95
 
 
+
+def test_int4_gate_predictor_recalls_a_full_rank_gate_that_a_low_rank_one_cannot():
+    """A ReLU layer whose gate is a random full-rank matrix: its 4-bit copy scores the neurons almost exactly,
+    a rank-16 MLP (the 10% budget of this small layer) cannot; `auto` keeps the int4-gate one."""
+    from powerinfer.models.predictor import QuantizedGatePredictor
+    from powerinfer.offline.predictors import quantized_gate_words, train_layer_predictor
+
+    g = torch.Generator().manual_seed(0)
+    d, n_ff, n = 128, 384, 4000
+    gate = torch.randn(n_ff, d, generator=g) / d ** 0.5
+    x = torch.randn(n, d, generator=g)
+    labels = x @ gate.T > 1.28  # FATReLU-like threshold: ~10% active
+    kinds = ("low-rank", "int4-gate")
+    predictor, report = train_layer_predictor(x, labels, 0.95, gate=gate, kinds=kinds, ladder=(16,), epochs=5)
+    _, low_rank = train_layer_predictor(x, labels, 0.95, gate=gate, ladder=(16,), epochs=5)
+    assert isinstance(predictor, QuantizedGatePredictor) and report.kind == "int4-gate" and report.rank == 0
+    assert report.recall >= 0.95 and report.precision >= 0.85 > low_rank.precision
+    assert report.parameters == quantized_gate_words(d, n_ff) <= 0.1 * 3 * d * n_ff
+    assert [t["kind"] for t in report.tried] == ["int4-gate", "low-rank"]
+    held = x[-800:]  # the calibrated threshold holds on the scores the module computes
+    recall = (predictor.predict(held) & labels[-800:]).sum() / labels[-800:].sum()
+    assert recall >= 0.95
+
+
+def test_predictor_kind_choices_and_errors(synth):
+    from types import SimpleNamespace
+
+    from powerinfer.offline.predictors import layer_kinds
+
+    relu, silu = SimpleNamespace(activation="relu"), SimpleNamespace(activation="silu")
+    assert layer_kinds("auto", relu, 576) == ("low-rank", "int4-gate")
+    assert layer_kinds("auto", silu, 576) == layer_kinds("auto", relu, 100) == layer_kinds("auto", None, 576) \
+        == ("low-rank",)
+    assert layer_kinds("int4-gate", relu, 96) == ("int4-gate",)
+    with pytest.raises(PowerInferError, match="ReLU-family"):
+        layer_kinds("int4-gate", silu, 576)
+    with pytest.raises(PowerInferError, match="unknown predictor kind"):
+        layer_kinds("int8", relu, 576)
+
+
+def test_int4_gate_artifact_round_trips_and_evaluates(synth, tmp_path, capsys):
+    """Built with int4-gate predictors: they load back as such, predict what they predicted before the
+    write (hot-first order), and the sparse model keeps the dense one's perplexity."""
+    from powerinfer.models.predictor import QuantizedGatePredictor
+
+    out = tmp_path / "int4.pi"
+    assert main(["build", "--model", str(synth), "--vram-budget", "0.032", "--ctx", "256", "--tokens", "2048",
+                 "--holdout-tokens", "512", "--weights-dtype", "float32", "--device", "cpu", "--predictor-kind",
+                 "int4-gate", "-o", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {layer["predictor_kind"] for layer in manifest["layers"]} == {"int4-gate"}
+    checkpoint = open_checkpoint(out)
+    predictors = checkpoint.predictors()
+    assert all(isinstance(p, QuantizedGatePredictor) for p in predictors)
+    model = load_model(out).model  # dense, FFN in hot-first order: the int4 copy of its own gate
+    gate = model.layers[1].mlp.gate_up_proj.weight.detach().chunk(2)[0]
+    x = torch.randn(5, gate.shape[1])
+    rebuilt = QuantizedGatePredictor.from_gate(gate, gate.shape[1] // predictors[1].scales.shape[1])
+    torch.testing.assert_close(predictors[1](x), rebuilt(x), rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", str(CALIBRATION), "--tokens", "2048", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["recall_mean"] >= 0.9 and result["ppl_sparse"] / result["ppl_dense"] <= 1.02
+    assert main(["plan", "--model", str(out), "--vram-budget", "0.045"]) == 0  # re-plans with int4 bytes
+
 # -- placement --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", ["predictor", "exact-sparse-down", "dense"])
@@ -222,6 +287,21 @@ def test_budget_below_the_dense_part_still_fills_the_gpu(synth, planted):
     assert p["expected_cpu_bytes_per_token"] < p["all_cpu_bytes_per_token"]
 
 
+def test_cublas_workspaces_are_budgeted_as_the_environment_sizes_them(monkeypatch):
+    from powerinfer.offline.placement import CUBLAS_STREAMS, allocator_bytes, cublas_workspace_bytes
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:1")
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "4096")
+    assert cublas_workspace_bytes() == CUBLAS_STREAMS * 8 * MiB
+    config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 100}
+    small = allocator_bytes(config, 16, "float16")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8:16:8")  # PyTorch's Hopper default, plus 8 x 16 KiB
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE")
+    assert cublas_workspace_bytes() == CUBLAS_STREAMS * (32 * MiB + 128 * 1024 + 32 * MiB)
+    assert allocator_bytes(config, 16, "float16") - small == cublas_workspace_bytes() - CUBLAS_STREAMS * 8 * MiB
+
+
 def test_budget_errors(synth, planted):
     config = json.loads((synth / "config.json").read_text())
     with pytest.raises(PowerInferError, match="must be positive"):
@@ -251,7 +331,7 @@ def test_manifest_records_strategy_placement_and_checksums(artifact, manifest):
     assert set(manifest["files"]) == {"tokenizer.json", "model.safetensors", "predictors.safetensors",
                                       "profile.safetensors"}
     placement = open_checkpoint(artifact).placement()
-    assert placement["vram_budget_bytes"] == int(0.008 * GiB) and len(placement["layers"]) == 4
+    assert placement["vram_budget_bytes"] == int(0.032 * GiB) and len(placement["layers"]) == 4
 
 
 def test_cpu_build_times_the_strategies_within_budget_and_picks_the_fastest(manifest):
@@ -316,10 +396,10 @@ def test_placement_of_another_artifact_is_refused(artifact, tmp_path):
 def test_replan_rewrites_placement_only(artifact, tmp_path, capsys):
     copy = _copy(artifact, tmp_path)
     before = {name: (copy / name).read_bytes() for name in ("manifest.json", "model.safetensors")}
-    assert main(["plan", "--model", str(copy), "--vram-budget", "0.02", "--json"]) == 0
+    assert main(["plan", "--model", str(copy), "--vram-budget", "0.045", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     placement = open_checkpoint(copy).placement()
-    assert placement["vram_budget_bytes"] == printed["vram_budget_bytes"] == int(0.02 * GiB)
+    assert placement["vram_budget_bytes"] == printed["vram_budget_bytes"] == int(0.045 * GiB)
     assert placement["ctx"] == 256  # the build's value
     assert all(layer["attention_on_gpu"] for layer in placement["layers"])
     assert {name: (copy / name).read_bytes() for name in before} == before
@@ -382,7 +462,7 @@ def test_profile_train_plan_commands(synth, tmp_path, capsys):
     assert "skew" in capsys.readouterr().out
     assert main(["train-predictors", "--profile", str(out), "--model", str(synth)]) == 0
     assert "pred. sparsity" in capsys.readouterr().out
-    assert main(["plan", "--profile", str(out), "--vram-budget", "0.01", "--ctx", "256"]) == 0
+    assert main(["plan", "--profile", str(out), "--vram-budget", "0.034", "--ctx", "256"]) == 0
     placement = json.loads((out / "placement.json").read_text())
     assert placement["strategy"] == "predictor" and len(placement["layers"]) == 4
     other = make_synthetic_relu_model("tiny", seed=1, out_dir=tmp_path / "other")
@@ -436,7 +516,7 @@ def test_predicted_sparse_ffn_masks_h():
 def test_tiny_relu_model_pipeline(tiny_relu_model, tmp_path, capsys):
     out = tmp_path / "tiny.pi"
     assert main(["build", "--model", str(tiny_relu_model), "--data", str(CALIBRATION), "--tokens", "8192",
-                 "--vram-budget", "0.05", "--ctx", "512", "--device", "cpu", "--choose-by", "bytes",
+                 "--vram-budget", "0.075", "--ctx", "512", "--device", "cpu", "--choose-by", "bytes",
                  "-o", str(out)]) == 0
     capsys.readouterr()
     assert main(["eval", "--model", str(out), "--data", str(EVALUATION), "--tokens", "8192", "--json"]) == 0

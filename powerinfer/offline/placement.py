@@ -22,6 +22,8 @@ neuron batches, PowerInfer-style) is reported for comparison.
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -35,6 +37,7 @@ STRATEGY_ROWS = {"dense": (3, 0), "exact-sparse-down": (2, 1), "predictor": (0, 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GiB = 1 << 30
 MiB = 1 << 20
+KiB = 1 << 10
 
 
 def relative_ffn_bytes(strategy: str, sparsity: float, predictor_fraction: float = 0.0) -> float:
@@ -78,17 +81,30 @@ def workspace_bytes(config: dict, ctx: int, prefill_chunk: int, gpu_dtype: str, 
     return g * elements + (t * s.n_ff if with_predictor else 0) + 4 * s.vocab + 4 * t * s.d
 
 
+CUBLAS_STREAMS = 3  # streams that run matmuls in a CUDA-graph decode: default, warm-up, capture
+
+
+def cublas_workspace_bytes() -> int:
+    """cuBLAS's and cuBLASLt's workspaces on every matmul stream, as the environment sets their sizes
+    (powerinfer's import sets 4 MiB each unless the user chose; see powerinfer/__init__.py)."""
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # unset: PyTorch's Hopper default
+    cublas = sum(int(size) * int(count) for size, count in re.findall(r":(\d+):(\d+)", config)) * KiB
+    cublaslt = int(os.environ.get("CUBLASLT_WORKSPACE_SIZE", "32768")) * KiB
+    return CUBLAS_STREAMS * (cublas + cublaslt)
+
+
 def allocator_bytes(config: dict, ctx: int, gpu_dtype: str) -> int:
     """What PyTorch's CUDA caching allocator may reserve beyond the tensors: each tensor of 10 MiB or more
     gets its own segment rounded up to 2 MiB; those of 1-10 MiB are cut from 20 MiB segments, smaller ones
-    from 2 MiB blocks (one partly used segment of each). Bounded with every tensor at its full size."""
+    from 2 MiB blocks (one partly used segment of each). Bounded with every tensor at its full size. Plus the
+    cuBLAS workspaces (`cublas_workspace_bytes`)."""
     s, g = _Shapes.from_config(config), DTYPE_BYTES[gpu_dtype]
     per_layer = [s.d * (s.q + 2 * s.kv), s.q * s.d, ctx * s.kv, ctx * s.kv, s.d * s.n_ff, s.d * s.n_ff,
                  s.d * s.n_ff]  # qkv, o, K and V caches, gate, up, down
     sizes = [g * n for n in per_layer] + [g * s.vocab * s.d] * 2
     large = sum(n >= 10 * MiB for n in sizes[:len(per_layer)]) * s.layers + sum(n >= 10 * MiB for n in sizes[-2:])
     mid_segment = 20 * MiB if any(MiB <= n < 10 * MiB for n in sizes) else 0
-    return 2 * MiB * large + mid_segment + 2 * MiB
+    return 2 * MiB * large + mid_segment + 2 * MiB + cublas_workspace_bytes()
 
 
 def required_gpu_bytes(config: dict, ctx: int, gpu_dtype: str = "float16", prefill_chunk: int = 512,
