@@ -26,11 +26,13 @@ if not any(os.environ.get(name) for name in _OPENMP_SETTINGS):
 
 # cuBLAS and cuBLASLt each keep a workspace per stream, cut from PyTorch's caching allocator: 32 MiB each on
 # Hopper by default. A CUDA-graph decode runs matmuls on three streams (default, warm-up, capture), so on an
-# H100 ~128 MiB of GPU memory went to workspaces (measured: synthetic tiny model at a 0.05 GiB budget, peak
-# reserved 140 MiB). Decode GEMVs need none of it; 4 MiB each (the pre-Hopper default) is what placements
-# budget (offline.placement.cublas_workspace_bytes). Read when cuBLAS starts; a user's own setting is kept.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:1")
-os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", "4096")  # KiB
+# H100 ~128 MiB of GPU memory went to workspaces (synthetic tiny model at a 0.05 GiB budget: peak reserved
+# 140 MiB); at 4 MiB each, every stream's workspaces still took a 20 MiB allocator segment (peak 88 MiB).
+# Decode GEMVs need no workspace: 1 MiB each fits the allocator's 2 MiB small-block segments, which is what
+# placements budget (offline.placement.cublas_workspace_bytes). Read when cuBLAS starts; a user's own
+# setting is kept (and budgeted).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":1024:1")
+os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", "1024")  # KiB
 
 from powerinfer.api import load  # noqa: E402
 from powerinfer.errors import PowerInferError  # noqa: E402

@@ -290,16 +290,16 @@ def test_budget_below_the_dense_part_still_fills_the_gpu(synth, planted):
 def test_cublas_workspaces_are_budgeted_as_the_environment_sizes_them(monkeypatch):
     from powerinfer.offline.placement import CUBLAS_STREAMS, allocator_bytes, cublas_workspace_bytes
 
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:1")
-    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "4096")
-    assert cublas_workspace_bytes() == CUBLAS_STREAMS * 8 * MiB
     config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "vocab_size": 100}
-    small = allocator_bytes(config, 16, "float16")
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8:16:8")  # PyTorch's Hopper default, plus 8 x 16 KiB
-    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE")
-    assert cublas_workspace_bytes() == CUBLAS_STREAMS * (32 * MiB + 128 * 1024 + 32 * MiB)
-    assert allocator_bytes(config, 16, "float16") - small == cublas_workspace_bytes() - CUBLAS_STREAMS * 8 * MiB
+    sizes = {}
+    for cublas, cublaslt, per_stream in ((":1024:1", "1024", 2 * MiB), (":4096:1", "4096", 20 * MiB),
+                                         (":4096:8", "32768", 64 * MiB)):  # the last: PyTorch's Hopper default
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", cublas)
+        monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", cublaslt)
+        assert cublas_workspace_bytes() == CUBLAS_STREAMS * per_stream
+        sizes[per_stream] = allocator_bytes(config, 16, "float16")
+    assert sizes[64 * MiB] - sizes[2 * MiB] == CUBLAS_STREAMS * 62 * MiB
 
 
 def test_budget_errors(synth, planted):

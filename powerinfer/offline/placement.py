@@ -85,12 +85,20 @@ CUBLAS_STREAMS = 3  # streams that run matmuls in a CUDA-graph decode: default, 
 
 
 def cublas_workspace_bytes() -> int:
-    """cuBLAS's and cuBLASLt's workspaces on every matmul stream, as the environment sets their sizes
-    (powerinfer's import sets 4 MiB each unless the user chose; see powerinfer/__init__.py)."""
+    """The allocator segments holding cuBLAS's and cuBLASLt's workspaces on every matmul stream, as the
+    environment sizes them (powerinfer's import sets 1 MiB each unless the user chose; see
+    powerinfer/__init__.py): up to 1 MiB each they share one 2 MiB small-block segment, up to 20 MiB together
+    one 20 MiB segment, beyond that their own."""
     config = os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # unset: PyTorch's Hopper default
     cublas = sum(int(size) * int(count) for size, count in re.findall(r":(\d+):(\d+)", config)) * KiB
     cublaslt = int(os.environ.get("CUBLASLT_WORKSPACE_SIZE", "32768")) * KiB
-    return CUBLAS_STREAMS * (cublas + cublaslt)
+    if max(cublas, cublaslt) <= MiB:
+        per_stream = 2 * MiB
+    elif cublas + cublaslt <= 20 * MiB:
+        per_stream = 20 * MiB
+    else:
+        per_stream = -(-(cublas + cublaslt) // (2 * MiB)) * 2 * MiB
+    return CUBLAS_STREAMS * per_stream
 
 
 def allocator_bytes(config: dict, ctx: int, gpu_dtype: str) -> int:
