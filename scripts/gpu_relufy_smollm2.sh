@@ -17,8 +17,9 @@
 # VRAM_BUDGET_GIB (for `build`, default 0.2: less than the model, so part of the FFN is placed on the CPU),
 # STEP_TIMEOUT (seconds allowed to each of build, eval and bench; default 600), PROFILE_TOKENS (calibration
 # tokens profiled; default 65536), SAMPLE_TOKENS (of those, the tokens whose FFN inputs train the predictors;
-# default 4096: with 65536 the predictors alone took ~14 s per layer on an H100), RECALL (the predictors' recall floor for `build`; default 0.9), STEPS (default "relufy build eval bench"; a later call
-# can run "build eval bench" on the model an earlier call left in WORK). If SMOLLM2_GGUF is missing
+# default 8192, as in the measured int4-gate run; with 65536 the low-rank predictors alone took ~14 s per layer
+# on an H100), RECALL (the predictors' recall floor for `build`; default 0.9), STEPS (default "relufy build eval
+# bench"; a later call can run "build eval bench" on the model an earlier call left in WORK). If SMOLLM2_GGUF is missing
 # but SMOLLM2_GGUF.part-* pieces exist, they are joined first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,7 +61,7 @@ run_step() {  # name, then the command; stdout goes to $OUT/<name>.out, stderr t
 if has build; then
     run_step build python3 -m powerinfer build --model "$MODEL_DIR" --data "$DATA_DIR/wikitext2-valid.txt" \
         --vram-budget "${VRAM_BUDGET_GIB:-0.2}" -o "$WORK/artifact" --force --device cuda \
-        --tokens "${PROFILE_TOKENS:-65536}" --sample-tokens "${SAMPLE_TOKENS:-4096}" --recall "${RECALL:-0.9}"
+        --tokens "${PROFILE_TOKENS:-65536}" --sample-tokens "${SAMPLE_TOKENS:-8192}" --recall "${RECALL:-0.9}"
 else echo "powerinfer build does not exist yet: skipped"; fi
 if has eval; then
     target="$MODEL_DIR"; [ -d "$WORK/artifact" ] && target="$WORK/artifact"
