@@ -87,4 +87,3 @@ def run(args) -> int:
     if not args.json:
         print(f"written to {written}")
     return 0
-

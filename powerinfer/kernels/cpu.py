@@ -348,7 +348,6 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = N
     return out
 
 
-
 @njit(**_JIT)
 def _int4_gemv_kernel(x, packed, scales, n_tasks, out):
     # Format: powerinfer.kernels.quantized. One pass per token over the task's rows; per group, the sum of
@@ -389,6 +388,7 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> to
         _int4_gemv_kernel(args[0], args[1], args[2], max(1, min(packed_np.shape[0], numba.get_num_threads())),
                           args[3])
     return out
+
 
 @njit(**_JIT)
 def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, partial, out):
