@@ -89,13 +89,20 @@ class LayerReport:
         return {k: v for k, v in asdict(self).items()}
 
 
+def calibrate_thresholds(active_logits: torch.Tensor, recalls) -> dict[float, float]:
+    """Per recall target, the largest logit threshold whose `logit > threshold` rule keeps at least that share
+    of the actives (one sort, on the logits' device)."""
+    if active_logits.numel() == 0:
+        return {r: 1e9 for r in recalls}  # never active on held-out tokens: predict never active
+    values = active_logits.float().flatten().sort().values
+    below = torch.tensor(-math.inf, device=values.device)
+    # actives allowed below the threshold: floor((1 - recall) * n)
+    return {r: float(torch.nextafter(values[math.floor((1.0 - r) * values.numel())], below).item()) for r in recalls}
+
+
 def calibrate_threshold(active_logits: torch.Tensor, recall: float) -> float:
     """The largest logit threshold whose `logit > threshold` rule keeps at least `recall` of the actives."""
-    if active_logits.numel() == 0:
-        return 1e9  # never active on held-out tokens: predict never active
-    values = active_logits.float().cpu().sort().values
-    missed = math.floor((1.0 - recall) * values.numel())  # actives allowed below the threshold
-    return float(torch.nextafter(values[missed], torch.tensor(-math.inf)).item())
+    return calibrate_thresholds(active_logits, [recall])[recall]
 
 
 def _metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: float) -> tuple[float, float, float]:
@@ -165,6 +172,7 @@ class _Candidate:
     recall: float
     precision: float
     predicted_sparsity: float
+    thresholds: dict  # str(recall target) -> threshold, the targets of `recall_targets`
 
 
 def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: float = 0.95,
@@ -197,11 +205,15 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
     held_inputs, held_labels = x[split:], y[split:]
     ffn_parameters = 3 * d * n_ff
 
+    targets = recall_targets(recall)
+
     def evaluated(predictor) -> _Candidate:
         with torch.no_grad():
             logits = predictor(held_inputs)
-        threshold = calibrate_threshold(logits[held_labels], recall)
-        return _Candidate(predictor, logits, threshold, *_metrics(logits, held_labels, threshold))
+        thresholds = calibrate_thresholds(logits[held_labels], targets)
+        threshold = thresholds[recall]
+        return _Candidate(predictor, logits, threshold, *_metrics(logits, held_labels, threshold),
+                          {str(t): v for t, v in thresholds.items()})
 
     best, tried = None, []
 
@@ -213,11 +225,9 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
                       "cost": cost, **notes})
         if best is not None and cost >= best[0]:
             return False
-        active_logits = candidate.logits[held_labels]
-        thresholds = {str(t): calibrate_threshold(active_logits, t) for t in recall_targets(recall)}
         report = LayerReport(rank, candidate.recall, candidate.precision, candidate.predicted_sparsity,
-                             1 - held_labels.float().mean().item(), candidate.threshold, size, thresholds,
-                             kind=kind)
+                             1 - held_labels.float().mean().item(), candidate.threshold, size,
+                             candidate.thresholds, kind=kind)
         best = (cost, candidate.predictor.eval(), report)
         return True
 
