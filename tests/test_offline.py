@@ -224,6 +224,20 @@ def test_predictor_kind_choices_and_errors(synth):
         layer_kinds("int8", relu, 576)
 
 
+def test_int4_gate_on_a_silu_model_is_refused_before_profiling(tmp_path, capsys):
+    from model_files import write_hf_model
+    from powerinfer.models.llama import ModelArgs, Transformer, to_hf_weights
+
+    args = ModelArgs(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", bos_token_id=256,
+                     eos_token_id=257)
+    model = write_hf_model(tmp_path / "silu", args.to_config(), to_hf_weights(Transformer(args).state_dict(), args))
+    assert main(["build", "--model", str(model), "--vram-budget", "1", "--predictor-kind", "int4-gate",
+                 "-o", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert "needs a ReLU-family model" in err and "profiling" not in err and not (tmp_path / "a").exists()
+
+
 def test_int4_gate_artifact_round_trips_and_evaluates(synth, tmp_path, capsys):
     """Built with int4-gate predictors: they load back as such, predict what they predicted before the
     write (hot-first order), and the sparse model keeps the dense one's perplexity."""

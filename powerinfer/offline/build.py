@@ -27,7 +27,7 @@ from powerinfer.models.llama import to_hf_weights
 from powerinfer.offline.evaluate import choose_strategy, h_quantile_thresholds, measure_curve, within_budget
 from powerinfer.offline.placement import (DTYPE_BYTES, GiB, check_vram_budget, plan_placement, relative_ffn_bytes,
                                          required_gpu_bytes)
-from powerinfer.offline.predictors import predictor_nbytes, recall_targets, train_predictors
+from powerinfer.offline.predictors import layer_kinds, predictor_nbytes, recall_targets, train_predictors
 from powerinfer.offline.profile import (EXACT_ZERO_ACTIVATIONS, generate_calibration_tokens, hot_first_order,
                                         profile_model, read_text_file, split_windows, tokenize_text)
 from powerinfer.offline.speed import time_strategies
@@ -108,9 +108,10 @@ def build_artifact(opts: BuildOptions) -> dict:
         raise PowerInferError(f"{loaded.checkpoint.path} is already an artifact; build from its source model, "
                               "or re-plan it with `powerinfer plan`")
     model, args = loaded.model, loaded.args
-    # fail before the long work when even the strategy-independent part cannot fit
+    # fail before the long work when even the strategy-independent part cannot fit, or the predictor kind cannot
     check_vram_budget(opts.vram_budget_gib * GiB, required_gpu_bytes(args.to_config(), opts.ctx, opts.gpu_dtype),
                       opts.ctx)
+    layer_kinds(opts.predictor_kind, model.layers[0].mlp, args.hidden_size)
     t = stage("load", started)
 
     profile_tokens, holdout_tokens = calibration_tokens(loaded, opts.data, opts.tokens, opts.holdout_tokens,
