@@ -208,6 +208,26 @@ def test_int4_gate_predictor_recalls_a_full_rank_gate_that_a_low_rank_one_cannot
     assert recall >= 0.95
 
 
+def test_the_int4_candidate_does_not_cut_the_rank_ladder_short(synth, monkeypatch):
+    """`auto` climbs the same ranks as low-rank alone, even when the int4 candidate is the cheapest (made so
+    here by counting its size as zero), and keeps the cheapest of everything it tried."""
+    from powerinfer.offline import predictors
+    from powerinfer.offline.predictors import ffn_gate, train_layer_predictor
+
+    loaded = load_model(synth)
+    profile = profile_model(loaded.model, split_windows(generate_calibration_tokens(loaded.model, 2048, 512, 0), 512),
+                            sample_tokens=2048)
+    gate = ffn_gate(loaded.model.layers[0].mlp)
+    monkeypatch.setattr(predictors, "quantized_gate_words", lambda d, n_ff: 0)
+    _, alone = train_layer_predictor(profile.inputs[0], profile.labels[0], gate=gate, epochs=3)
+    _, both = train_layer_predictor(profile.inputs[0], profile.labels[0], gate=gate, epochs=3,
+                                    kinds=("low-rank", "int4-gate"))
+    assert len(alone.tried) >= 2
+    assert [t["rank"] for t in both.tried if t["kind"] == "low-rank"] == [t["rank"] for t in alone.tried]
+    cheapest = min(both.tried, key=lambda t: t["cost"])
+    assert (both.kind, both.rank) == (cheapest["kind"], cheapest["rank"]) == ("int4-gate", 0)
+
+
 def test_predictor_kind_choices_and_errors(synth):
     from types import SimpleNamespace
 

@@ -20,7 +20,7 @@ PowerInfer sizes each layer's predictor from its sparsity and skew; here the siz
 cost instead: ranks from a ladder are tried smallest first,
 each with its decision threshold calibrated on held-out tokens so that it keeps `recall` of the truly
 active neurons, and the climb stops at the first rank whose expected per-token work — predictor weights
-plus the FFN rows of predicted-active neurons — does not beat the best so far. A sparse, skewed layer
+plus the FFN rows of predicted-active neurons — does not beat the previous rank's. A sparse, skewed layer
 thus earns a larger predictor; a dense or unpredictable one keeps the smallest. No layer's predictor
 exceeds `max_fraction` (10%) of its FFN's size (both counted in 16-bit words), so the total stays within
 that share too. The layer keeps whichever kind costs least per token.
@@ -217,19 +217,18 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
 
     best, tried = None, []
 
-    def consider(candidate: _Candidate, kind: str, rank: int, size: int, **notes) -> bool:
-        """Record the candidate; keep it if it is the cheapest so far. False: it was not."""
+    def consider(candidate: _Candidate, kind: str, rank: int, size: int, **notes) -> float:
+        """Record the candidate and keep it if it is the cheapest so far; returns its cost per token."""
         nonlocal best
         cost = size + (1 - candidate.predicted_sparsity) * ffn_parameters
         tried.append({"kind": kind, "rank": rank, "predicted_sparsity": candidate.predicted_sparsity,
                       "cost": cost, **notes})
-        if best is not None and cost >= best[0]:
-            return False
-        report = LayerReport(rank, candidate.recall, candidate.precision, candidate.predicted_sparsity,
-                             1 - held_labels.float().mean().item(), candidate.threshold, size,
-                             candidate.thresholds, kind=kind)
-        best = (cost, candidate.predictor.eval(), report)
-        return True
+        if best is None or cost < best[0]:
+            report = LayerReport(rank, candidate.recall, candidate.precision, candidate.predicted_sparsity,
+                                 1 - held_labels.float().mean().item(), candidate.threshold, size,
+                                 candidate.thresholds, kind=kind)
+            best = (cost, candidate.predictor.eval(), report)
+        return cost
 
     if QuantizedGatePredictor.kind in kinds:  # no training: quantize and calibrate
         group = QuantizedGatePredictor.group_size_for(d)
@@ -245,7 +244,7 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
 
 
 def _climb_ladder(x, y, magnitudes, gate, ladder, budget, evaluated, consider, train_options) -> None:
-    """Low-rank predictors of increasing rank until one costs no less than the best so far."""
+    """Low-rank predictors of increasing rank until one costs no less than the rank before it."""
     n_ff, d = y.shape[1], x.shape[1]
     weights = None
     if magnitudes is not None:
@@ -258,6 +257,7 @@ def _climb_ladder(x, y, magnitudes, gate, ladder, budget, evaluated, consider, t
     largest = largest - largest % 16 if largest >= 16 else max(1, largest)
     if not ranks or (largest > ranks[-1] and largest < max(ladder)):
         ranks.append(largest)
+    previous = None
     for rank in ranks:
         from_gate = gate is not None and rank >= 2
         if from_gate:
@@ -269,10 +269,12 @@ def _climb_ladder(x, y, magnitudes, gate, ladder, budget, evaluated, consider, t
         else:
             candidates = [evaluated(_train(x, y, rank, weights=weights, **train_options))]
         chosen = max(candidates, key=lambda c: c.predicted_sparsity)
-        if not consider(chosen, ActivationPredictor.kind, rank, predictor_parameters(d, rank, n_ff),
+        cost = consider(chosen, ActivationPredictor.kind, rank, predictor_parameters(d, rank, n_ff),
                         start="gate" if from_gate else "random",
-                        fine_tuned=not from_gate or chosen is not candidates[0]):
+                        fine_tuned=not from_gate or chosen is not candidates[0])
+        if previous is not None and cost >= previous:
             break
+        previous = cost
 
 
 def ffn_gate(ffn) -> torch.Tensor:
