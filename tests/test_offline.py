@@ -208,6 +208,23 @@ def test_int4_gate_predictor_recalls_a_full_rank_gate_that_a_low_rank_one_cannot
     assert recall >= 0.95
 
 
+def test_predictor_training_does_not_depend_on_earlier_random_draws(synth):
+    """A build is reproducible whatever ran before it in the process (the gate start's randomised SVD draws
+    from the global generator)."""
+    from powerinfer.offline.predictors import ffn_gate, train_layer_predictor
+
+    loaded = load_model(synth)
+    profile = profile_model(loaded.model, [torch.randint(2, 500, (512,), generator=torch.Generator().manual_seed(0))],
+                            sample_tokens=512)
+    gate = ffn_gate(loaded.model.layers[0].mlp)
+    outputs = []
+    for draws in (1, 1000):
+        torch.rand(draws)  # some earlier use of the global generator
+        predictor, _ = train_layer_predictor(profile.inputs[0], profile.labels[0], gate=gate, ladder=(16,), epochs=2)
+        outputs.append(predictor(profile.inputs[0][:8].float()))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
 def test_the_int4_candidate_does_not_cut_the_rank_ladder_short(synth, monkeypatch):
     """`auto` climbs the same ranks as low-rank alone, even when the int4 candidate is the cheapest (made so
     here by counting its size as zero), and keeps the cheapest of everything it tried."""

@@ -113,11 +113,12 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: float) -> tu
     return recall, precision, 1.0 - predicted.float().mean().item()
 
 
-def gate_initialized(inputs: torch.Tensor, gate: torch.Tensor, rank: int) -> ActivationPredictor:
+def gate_initialized(inputs: torch.Tensor, gate: torch.Tensor, rank: int, seed: int = 0) -> ActivationPredictor:
     """A predictor computing the best rank-(rank // 2) approximation of `inputs @ gate.T` (module docstring)."""
     k = rank // 2
     gate = gate.to(inputs.device, torch.float32)
     targets = inputs @ gate.T
+    torch.manual_seed(seed)  # svd_lowrank's random projection: builds must not depend on earlier RNG use
     _, _, v = torch.svd_lowrank(targets, q=min(k + 8, *targets.shape), niter=4)
     v = v[:, :k]
     predictor = ActivationPredictor(inputs.shape[1], rank, gate.shape[0]).to(inputs.device)
@@ -261,7 +262,7 @@ def _climb_ladder(x, y, magnitudes, gate, ladder, budget, evaluated, consider, t
     for rank in ranks:
         from_gate = gate is not None and rank >= 2
         if from_gate:
-            start = evaluated(gate_initialized(x, gate, rank))
+            start = evaluated(gate_initialized(x, gate, rank, train_options["seed"]))
             candidates = [start]
             if start.precision < PRECISE_ENOUGH:  # else fine-tuning has no false positives left to remove
                 candidates.append(evaluated(_train(x, y, rank, start=start.predictor, weights=weights,
