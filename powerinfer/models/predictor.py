@@ -73,11 +73,11 @@ class QuantizedGatePredictor(nn.Module):
     @classmethod
     def from_gate(cls, gate: torch.Tensor, group_size: int) -> QuantizedGatePredictor:
         n_ff, d = gate.shape
-        predictor = cls(d, n_ff, group_size)
+        predictor = cls(d, n_ff, group_size).to(gate.device)  # filled where the gate is: no round trip
         packed, scales = quantize_int4(gate, group_size)
         predictor.packed.copy_(packed)
         predictor.scales.copy_(scales)
-        return predictor.to(gate.device)
+        return predictor
 
     @property
     def dtype(self) -> torch.dtype:

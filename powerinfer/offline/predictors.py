@@ -60,16 +60,16 @@ def predictor_parameters(d: int, rank: int, n_ff: int) -> int:
     return rank * (d + n_ff) + n_ff
 
 
-def quantized_gate_words(d: int, n_ff: int) -> int:
-    """An int4-gate predictor's size in 16-bit words: packed nibbles plus one 16-bit scale per group."""
-    return n_ff * d // 4 + n_ff * (d // QuantizedGatePredictor.group_size_for(d))
-
-
 def predictor_nbytes(kind: str, d: int, n_ff: int, rank: int, dtype_bytes: int) -> int:
     """Bytes of one predictor whose floating-point tensors are stored `dtype_bytes` wide."""
     if kind == QuantizedGatePredictor.kind:
         return n_ff * d // 2 + dtype_bytes * n_ff * (d // QuantizedGatePredictor.group_size_for(d))
     return dtype_bytes * predictor_parameters(d, rank, n_ff)
+
+
+def quantized_gate_words(d: int, n_ff: int) -> int:
+    """An int4-gate predictor's size in 16-bit words: packed nibbles plus one 16-bit scale per group."""
+    return predictor_nbytes(QuantizedGatePredictor.kind, d, n_ff, 0, 2) // 2
 
 
 @dataclass
