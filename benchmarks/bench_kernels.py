@@ -1,15 +1,16 @@
 """Benchmark of the neuron-aware sparse FFN operators (PowerInfer, arXiv 2312.12456, §5).
 
 On the CPU: streaming read bandwidth (numba prange sum), the numba sparse gate_up/down
-at --density on LLaMA-7B FFN shapes (d=4096, n_ff=11008, float32 and bfloat16 weights)
+at --density on LLaMA-2 FFN shapes (--shape; 7B: d=4096, n_ff=11008; float32 and bfloat16 weights)
 in GB/s of active-row bytes and as % of streaming bandwidth, the torch
 index_select+matmul baseline, and the dense FFN. --crossover sweeps the density to find
 where the dense FFN wins (the source of sparse_ffn.DENSE_CROSSOVER_FRACTION_*).
 
 On CUDA (when present): device copy bandwidth (bytes read + written), the Triton sparse
 gate_up/down (id list; id buffer + device count) in GB/s of active-row bytes and % of
-copy bandwidth, torch index_select+matmul, torch dense GEMV, the compaction kernel and a
-one-token FFN (sparse vs dense). --sweep times the kernels' block shapes. GPU times are
+copy bandwidth, torch index_select+matmul, torch dense GEMV, the int4 GEMV of the int4-gate
+predictor, the compaction kernel and a one-token FFN (sparse vs dense), in --gpu-dtype
+(float16, as the executor runs). --sweep times the kernels' launch parameters. GPU times are
 medians of CUDA-graph replays (triton.testing.do_bench, which flushes L2 before each), of one
 call, and per call of --gpu-layers calls over as many copies of the weights back to back in one
 graph (as a decode step runs its layers: the graph launch and each kernel's ramp-up and tail
@@ -43,9 +44,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from powerinfer.bench import git_commit  # noqa: E402
 from powerinfer.kernels import sparse_ffn  # noqa: E402
+from powerinfer.kernels.quantized import int4_gemv, quantize_int4  # noqa: E402
 from powerinfer.kernels.sparse_ffn import compact_active, masked_ffn, sparse_down, sparse_gate_up  # noqa: E402
 
-D, N_FF = 4096, 11008  # LLaMA-7B FFN
+SHAPES = {"llama2-7b": (4096, 11008), "llama2-13b": (5120, 13824)}  # FFN (d, n_ff)
+D, N_FF = SHAPES["llama2-7b"]  # --shape sets them
 STREAM_BYTES = 1 << 30
 
 
@@ -174,7 +177,7 @@ def gpu_copy_gbps(device, do_bench) -> float:
     return gbps(2 * STREAM_BYTES, do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
 
 
-def bench_gpu(density, sweep_configs, layers=8):
+def bench_gpu(density, sweep_configs, layers=8, dtype=torch.float16):
     import triton
     from triton.testing import do_bench
 
@@ -193,10 +196,9 @@ def bench_gpu(density, sweep_configs, layers=8):
     device = torch.device("cuda")
     copy_gbps = gpu_copy_gbps(device, do_bench)
     results = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
-               "copy_GBps": copy_gbps, "density": density, "dtype": "bfloat16"}
+               "copy_GBps": copy_gbps, "density": density, "dtype": str(dtype).removeprefix("torch.")}
 
     generator = torch.Generator().manual_seed(0)
-    dtype = torch.bfloat16
     w_gate, w_up, w_down_t = (w.to(device=device, dtype=dtype) for w in cpu_weights(generator))
     ids = disjoint_active_sets(N_FF, density, generator)[0].to(device)
     k = ids.numel()
@@ -244,6 +246,11 @@ def bench_gpu(density, sweep_configs, layers=8):
             ("dense_gemv_torch", lambda wg, wu, wd: lambda: x @ wg.T, N_FF * row_bytes),
         ):
             record(f"T{n_tokens}_{name}_{layers}_layers", graph_us(*(make_op(*w) for w in copies)), n_bytes)
+    # the int4-gate predictor's product: every row of a 4-bit gate copy (bytes: packed nibbles and scales)
+    quantized = [quantize_int4(w_gate_copy, 64) for w_gate_copy, _, _ in copies]
+    x = torch.randn(1, D, device=device, dtype=dtype)
+    record(f"T1_int4_gemv_{layers}_layers", graph_us(*(functools.partial(int4_gemv, x, *q) for q in quantized)),
+           sum(t.numel() * t.element_size() for t in quantized[0]))
 
     # One-token FFN: mask -> id buffer -> gate_up -> down, against the dense FFN.
     x = torch.randn(1, D, device=device, dtype=dtype)
@@ -260,49 +267,55 @@ def bench_gpu(density, sweep_configs, layers=8):
         "dense_us": graph_us(lambda: y.copy_(dense_ffn(x, w_gate, w_up, w_down_t))),
     }
     if sweep_configs:
-        results["sweep"] = sweep_gpu_configs(copies, ids, graph_us, row_bytes, copy_gbps)
+        results["sweep"] = sweep_gpu_configs(copies, quantized, ids, graph_us, row_bytes, copy_gbps)
     return results
 
 
-def sweep_gpu_configs(copies, ids, graph_us, row_bytes, copy_gbps):
-    """Block shapes of the kernels (module constants of triton_gpu), by % of copy bandwidth; each timed over
-    the layers' weight copies back to back in one graph."""
+def sweep_gpu_configs(copies, quantized, ids, graph_us, row_bytes, copy_gbps):
+    """Launch parameters of the kernels (module constants of triton_gpu), by % of copy bandwidth; each timed
+    over the layers' weight copies back to back in one graph."""
     from powerinfer.kernels import triton_gpu
 
     w_gate = copies[0][0]
     k = ids.numel()
     candidates = (  # (op, tokens, constant names, values)
-        ("gate_up", 1, ("_GEMV_BLOCK_N", "_GEMV_MAX_BLOCK_D", "_GEMV_WARPS"),
-         ((1, 4096, 4), (1, 4096, 8), (2, 4096, 8), (2, 2048, 4), (4, 1024, 8), (4, 512, 4))),
-        ("down", 1, ("_DOWN_GEMV_BLOCK_K", "_DOWN_GEMV_BLOCK_D", "_DOWN_GEMV_WARPS"),
-         ((16, 256, 4), (32, 256, 8), (16, 512, 8), (64, 128, 4), (8, 512, 4), (32, 128, 4))),
-        ("gate_up", 16, ("_GEMM_BLOCK_N", "_GEMM_BLOCK_D", "_GEMM_WARPS"),
-         ((16, 128, 4), (16, 256, 4), (16, 256, 8), (32, 64, 4), (16, 64, 4))),
-        ("down", 16, ("_DOWN_GEMM_BLOCK_K", "_DOWN_GEMM_BLOCK_D", "_DOWN_GEMM_WARPS"),
-         ((32, 64, 4), (32, 128, 4), (64, 128, 8), (16, 128, 4), (64, 64, 4))),
+        ("gate_up", 1, ("_GEMV_BLOCK_N", "_GEMV_MAX_BLOCK_D", "_GEMV_WARPS", "_PROGRAMS_PER_SM"),
+         ((2, 2048, 4, 8), (4, 1024, 4, 8), (4, 1024, 8, 8), (8, 1024, 8, 8), (4, 512, 4, 8), (8, 512, 8, 8),
+          (16, 256, 8, 8))),
+        ("down", 1, ("_DOWN_GEMV_BLOCK_K", "_DOWN_GEMV_BLOCK_D", "_DOWN_GEMV_WARPS", "_DOWN_PROGRAMS_PER_SM"),
+         ((64, 128, 4, 8), (128, 64, 4, 8), (256, 32, 4, 8), (128, 64, 8, 8), (128, 64, 4, 16), (128, 32, 4, 8),
+          (64, 64, 4, 8), (128, 64, 4, 4), (256, 32, 4, 4), (128, 32, 4, 4), (128, 64, 4, 2))),
+        ("gate_up", 16, ("_GEMM_BLOCK_N", "_GEMM_BLOCK_D", "_GEMM_WARPS", "_PROGRAMS_PER_SM"),
+         ((16, 128, 4, 8), (16, 256, 4, 8), (16, 256, 8, 8), (32, 64, 4, 8), (16, 64, 4, 8), (16, 256, 4, 4))),
+        ("down", 16, ("_DOWN_GEMM_BLOCK_K", "_DOWN_GEMM_BLOCK_D", "_DOWN_GEMM_WARPS", "_PROGRAMS_PER_SM"),
+         ((32, 64, 4, 8), (32, 128, 4, 8), (64, 128, 8, 8), (16, 128, 4, 8), (64, 64, 4, 8), (64, 64, 4, 4))),
+        ("int4_gemv", 1, ("_INT4_BLOCK_N", "_INT4_BYTES_PER_ROW", "_INT4_WARPS"),
+         ((8, 256, 4), (16, 256, 4), (8, 512, 4), (16, 512, 8), (32, 256, 8), (16, 128, 4), (4, 256, 2),
+          (32, 128, 4), (8, 128, 2))),
     )
     rows = []
     for op, n_tokens, names, values in candidates:
         x = torch.randn(n_tokens, D, device=w_gate.device, dtype=w_gate.dtype)
         h = torch.randn(n_tokens, k, device=w_gate.device, dtype=w_gate.dtype)
-        saved = [getattr(triton_gpu, name) for name in (*names, "_PROGRAMS_PER_SM")]
+        saved = [getattr(triton_gpu, name) for name in names]
         try:
-            for per_sm in (4, 8, 16):
-                triton_gpu._PROGRAMS_PER_SM = per_sm
-                for value in values:
-                    for name, v in zip(names, value):
-                        setattr(triton_gpu, name, v)
-                    if op == "gate_up":
-                        us = graph_us(*(functools.partial(sparse_gate_up, x, wg, wu, ids, "silu")
-                                        for wg, wu, _ in copies))
-                        n_bytes = 2 * k * row_bytes
-                    else:
-                        us = graph_us(*(functools.partial(sparse_down, h, wd, ids) for _, _, wd in copies))
-                        n_bytes = k * row_bytes
-                    rows.append({"op": op, "tokens": n_tokens, "per_sm": per_sm, "block": list(value),
-                                 "us": us, "pct_of_copy": 100 * gbps(n_bytes, us * 1e-6) / copy_gbps})
+            for value in values:
+                for name, v in zip(names, value):
+                    setattr(triton_gpu, name, v)
+                if op == "gate_up":
+                    fns = (functools.partial(sparse_gate_up, x, wg, wu, ids, "silu") for wg, wu, _ in copies)
+                    n_bytes = 2 * k * row_bytes
+                elif op == "down":
+                    fns = (functools.partial(sparse_down, h, wd, ids) for _, _, wd in copies)
+                    n_bytes = k * row_bytes
+                else:
+                    fns = (functools.partial(int4_gemv, x, *q) for q in quantized)
+                    n_bytes = sum(t.numel() * t.element_size() for t in quantized[0])
+                us = graph_us(*fns)
+                rows.append({"op": op, "tokens": n_tokens, "params": dict(zip(names, value)), "us": us,
+                             "pct_of_copy": 100 * gbps(n_bytes, us * 1e-6) / copy_gbps})
         finally:
-            for name, v in zip((*names, "_PROGRAMS_PER_SM"), saved):
+            for name, v in zip(names, saved):
                 setattr(triton_gpu, name, v)
     return rows
 
@@ -327,9 +340,14 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="sweep GPU block shapes")
     parser.add_argument("--gpu-layers", type=int, default=8,
                         help="weight copies run back to back in one CUDA graph for the per-layer timings")
+    parser.add_argument("--shape", choices=SHAPES, default="llama2-7b", help="FFN shape (default: %(default)s)")
+    parser.add_argument("--gpu-dtype", choices=("float16", "bfloat16"), default="float16",
+                        help="GPU weight dtype (default: %(default)s, the executor's)")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU part")
     parser.add_argument("--no-gpu", action="store_true", help="skip the CUDA part")
     args = parser.parse_args()
+    global D, N_FF
+    D, N_FF = SHAPES[args.shape]
 
     if args.threads:
         sparse_ffn.set_num_threads(args.threads)
@@ -341,7 +359,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
-        "shape": {"d": D, "n_ff": N_FF},
+        "shape": {"name": args.shape, "d": D, "n_ff": N_FF},
     }
     generator = torch.Generator().manual_seed(0)
     if not args.no_cpu and sparse_ffn.select_backend(torch.zeros(1), torch.zeros(1)) != "numba":
@@ -353,7 +371,7 @@ def main() -> None:
         if args.crossover:
             report["cpu_crossover"] = bench_cpu_crossover(max(3, args.repeats // 2), generator)
     if torch.cuda.is_available() and not args.no_gpu:
-        report["gpu"] = bench_gpu(args.density, args.sweep, args.gpu_layers)
+        report["gpu"] = bench_gpu(args.density, args.sweep, args.gpu_layers, getattr(torch, args.gpu_dtype))
 
     text = json.dumps(report, indent=2)
     print(text)

@@ -513,7 +513,7 @@ def test_int4_gemv_rejects_mismatched_operands():
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n_tokens", [1, 5])
-@pytest.mark.parametrize(("d", "group"), [(96, 32), (576, 64), (4096, 64)])
+@pytest.mark.parametrize(("d", "group"), [(96, 32), (576, 64), (4096, 64), (90, 6)])
 def test_triton_int4_gemv_matches_reference(d, group, n_tokens, dtype):
     g = torch.Generator().manual_seed(d + n_tokens)
     packed, scales = quantize_int4(torch.randn(1031, d, generator=g) / math.sqrt(d), group)

@@ -33,20 +33,23 @@ import triton.language as tl
 
 from powerinfer.kernels.activations import activation_code
 
-# Launch parameters, from benchmarks/bench_kernels.py --sweep (CUDA-graph replays on an
-# H200, 132 SMs like the H100; LLaMA-7B FFN, bfloat16, 10% density). (BLOCK_N, BLOCK_D,
-# warps) of the one-token gate/up GEMV ranged from 13.3 us (2, 2048, 4) to 20.6 us
-# (4, 512, 4); the down GEMV (BLOCK_K, BLOCK_D, warps) from 15.1 us (64, 128, 4) to 26.9 us.
-_PROGRAMS_PER_SM = 8
-_GEMV_BLOCK_N, _GEMV_MAX_BLOCK_D, _GEMV_WARPS = 2, 2048, 4
+# Launch parameters, from CUDA-graph replays of 8 layers back to back (benchmarks/bench_kernels.py --sweep;
+# H200, float16, 10% density; kernels_sweep_h200.json). One-token gate/up (BLOCK_N, BLOCK_D, warps):
+# (4, 1024, 4) 8.8 us at LLaMA-7B shapes, 11.7 us at 13B; the earlier (2, 2048, 4) 9.1 / 12.6 us. Down
+# (BLOCK_K, BLOCK_D, warps, programs per SM): (128, 64, 4, 4) 9.1 / 10.4 us; the earlier (64, 128, 4, 8)
+# 13.9 / 16.4 us (only 18 of its 33 slot splits had rows: a split of 64 rows read 256 bytes per row).
+# Software pipelining (num_stages 1-4) changed nothing. int4 GEMV (BLOCK_N, bytes of a row per step, warps):
+# see _nibble.
+_PROGRAMS_PER_SM, _DOWN_PROGRAMS_PER_SM = 8, 4
+_GEMV_BLOCK_N, _GEMV_MAX_BLOCK_D, _GEMV_WARPS = 4, 1024, 4
 _GEMM_BLOCK_N, _GEMM_BLOCK_D, _GEMM_WARPS = 16, 256, 4
-_DOWN_GEMV_BLOCK_K, _DOWN_GEMV_BLOCK_D, _DOWN_GEMV_WARPS = 64, 128, 4
+_DOWN_GEMV_BLOCK_K, _DOWN_GEMV_BLOCK_D, _DOWN_GEMV_WARPS = 128, 64, 4
 _DOWN_GEMM_BLOCK_K, _DOWN_GEMM_BLOCK_D, _DOWN_GEMM_WARPS = 64, 64, 4
 _MAX_TOKEN_BLOCK = 64
 _ZERO_BLOCK = 256
 _SUM_BLOCK_SPLITS, _SUM_BLOCK = 64, 64
 _COMPACT_CHUNK, _COMPACT_MAX_PREFIX_BLOCK, _COMPACT_WARPS = 256, 16384, 8
-_INT4_BLOCK_N, _INT4_MAX_BLOCK_P, _INT4_WARPS = 8, 512, 4  # not tuned yet
+_INT4_BLOCK_N, _INT4_BYTES_PER_ROW, _INT4_WARPS = 8, 256, 4
 
 
 @triton.jit
@@ -211,26 +214,39 @@ def _compact_kernel(mask_ptr, idx_ptr, count_ptr, n, CHUNK: tl.constexpr, PREFIX
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, packed_ptr, scales_ptr, out_ptr, n_rows, half_d, stride_x, stride_p, stride_s,
-                      stride_out, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
-    # Format: powerinfer.kernels.quantized; byte i of a row holds columns 2i (low nibble) and 2i + 1.
+def _nibble(byte):
+    # q - 8 for the low nibble q of each byte, without an int-to-float conversion (those run at a quarter of the
+    # FMA rate and bounded the kernel): the bits of 2^23 with q in the low mantissa bits are the float 2^23 + q.
+    bits = (byte.to(tl.int32) & 15) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, packed_ptr, scales_ptr, out_ptr, n_rows, n_groups, stride_x, stride_p, stride_s,
+                      stride_out, GROUP_BYTES: tl.constexpr, GROUP_BLOCK: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    # Format: powerinfer.kernels.quantized; byte i of a row holds columns 2i (low nibble) and 2i + 1. A tile is
+    # [rows, groups, bytes of a group]: each group's dot product is summed before its one scale multiplies it
+    # (a scale per element made the kernel ALU-bound: 13% of copy bandwidth at LLaMA-7B's gate).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     token = tl.program_id(1)
-    acc = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
-    for p0 in range(0, half_d, BLOCK_P):
-        offs = p0 + tl.arange(0, BLOCK_P)
-        ok = offs < half_d
-        both = row_ok[:, None] & ok[None, :]
-        byte = tl.load(packed_ptr + rows[:, None].to(tl.int64) * stride_p + offs[None, :], mask=both, other=0x88)
-        scale = tl.load(scales_ptr + rows[:, None].to(tl.int64) * stride_s + (offs // (GROUP // 2))[None, :],
-                        mask=both, other=0.0).to(tl.float32)
+    in_group = tl.arange(0, GROUP_BLOCK)
+    acc = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    for g0 in range(0, n_groups, BLOCK_G):
+        groups = g0 + tl.arange(0, BLOCK_G)
+        ok = (groups < n_groups)[:, None] & (in_group < GROUP_BYTES)[None, :]
+        offs = groups[:, None] * GROUP_BYTES + in_group[None, :]  # [BLOCK_G, GROUP_BLOCK] byte columns
+        byte = tl.load(packed_ptr + rows[:, None, None].to(tl.int64) * stride_p + offs[None, :, :],
+                       mask=row_ok[:, None, None] & ok[None, :, :], other=0x88)
         x_even = tl.load(x_ptr + token * stride_x + 2 * offs, mask=ok, other=0.0).to(tl.float32)
         x_odd = tl.load(x_ptr + token * stride_x + 2 * offs + 1, mask=ok, other=0.0).to(tl.float32)
-        low = (byte & 15).to(tl.float32) - 8.0
-        high = (byte >> 4).to(tl.float32) - 8.0
-        acc += scale * (low * x_even[None, :] + high * x_odd[None, :])
+        dots = tl.sum(_nibble(byte) * x_even[None, :, :] + _nibble(byte >> 4) * x_odd[None, :, :], axis=2)
+        scale = tl.load(scales_ptr + rows[:, None].to(tl.int64) * stride_s + groups[None, :],
+                        mask=row_ok[:, None] & (groups < n_groups)[None, :], other=0.0).to(tl.float32)
+        acc += dots * scale
     tl.store(out_ptr + token * stride_out + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
@@ -294,7 +310,7 @@ def sparse_gate_up(x, w_gate, w_up, idx, activation, *, threshold=0.0, count=Non
         n_tokens, d, n_slots, x.stride(0), w_gate.stride(0), out.stride(0), float(threshold),
         HAS_COUNT=count is not None, ACTIVATION=activation_code(activation),
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, ZERO_BLOCK=_ZERO_BLOCK,
-        DOT_PRECISION=_dot_precision(w_gate.dtype), num_warps=warps,
+        DOT_PRECISION=_dot_precision(w_gate.dtype), num_warps=warps
     )
     return out
 
@@ -315,7 +331,8 @@ def sparse_down(h, w_down_t, idx, *, count=None, out=None):
         block_k, block_d, warps = _DOWN_GEMM_BLOCK_K, _DOWN_GEMM_BLOCK_D, _DOWN_GEMM_WARPS
     tiles = triton.cdiv(d, block_d) * triton.cdiv(n_tokens, block_t)
     # Enough slot splits to fill the GPU; fixed by the capacity, not by the count.
-    splits = max(1, min(triton.cdiv(n_slots, block_k), _PROGRAMS_PER_SM * _sm_count(h.device.index or 0) // tiles))
+    per_sm = _DOWN_PROGRAMS_PER_SM if block_t == 1 else _PROGRAMS_PER_SM
+    splits = max(1, min(triton.cdiv(n_slots, block_k), per_sm * _sm_count(h.device.index or 0) // tiles))
     partial = out if splits == 1 else torch.empty((splits, n_tokens, d), dtype=torch.float32, device=h.device)
     _down_kernel[(splits, triton.cdiv(d, block_d), triton.cdiv(n_tokens, block_t))](
         h, w_down_t, idx, idx if count is None else _count_tensor(count, idx), partial,
@@ -353,10 +370,13 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> to
     out = torch.empty((n_tokens, n_rows), dtype=x.dtype, device=x.device)
     if n_tokens == 0 or n_rows == 0:
         return out
-    group = 2 * half_d // scales.shape[1]
-    block_p = min(_INT4_MAX_BLOCK_P, triton.next_power_of_2(half_d))
+    n_groups = scales.shape[1]
+    group_bytes = half_d // n_groups
+    group_block = triton.next_power_of_2(group_bytes)
+    block_g = max(1, min(_INT4_BYTES_PER_ROW // group_block, triton.next_power_of_2(n_groups)))
     _int4_gemv_kernel[(triton.cdiv(n_rows, _INT4_BLOCK_N), n_tokens)](
-        x, packed, scales, out, n_rows, half_d, x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
-        GROUP=group, BLOCK_N=_INT4_BLOCK_N, BLOCK_P=block_p, num_warps=_INT4_WARPS,
+        x, packed, scales, out, n_rows, n_groups, x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+        GROUP_BYTES=group_bytes, GROUP_BLOCK=group_block, BLOCK_N=_INT4_BLOCK_N, BLOCK_G=block_g,
+        num_warps=_INT4_WARPS,
     )
     return out
