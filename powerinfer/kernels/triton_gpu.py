@@ -33,13 +33,13 @@ import triton.language as tl
 
 from powerinfer.kernels.activations import activation_code
 
-# Launch parameters, from CUDA-graph replays of 8 layers back to back (benchmarks/bench_kernels.py --sweep;
-# H200, float16, 10% density; kernels_sweep_h200.json). One-token gate/up (BLOCK_N, BLOCK_D, warps):
-# (4, 1024, 4) 8.8 us at LLaMA-7B shapes, 11.7 us at 13B; the earlier (2, 2048, 4) 9.1 / 12.6 us. Down
-# (BLOCK_K, BLOCK_D, warps, programs per SM): (128, 64, 4, 4) 9.1 / 10.4 us; the earlier (64, 128, 4, 8)
-# 13.9 / 16.4 us (only 18 of its 33 slot splits had rows: a split of 64 rows read 256 bytes per row).
-# Software pipelining (num_stages 1-4) changed nothing. int4 GEMV (BLOCK_N, bytes of a row per step, warps):
-# see _nibble.
+# Launch parameters, from CUDA-graph replays of 8 layers back to back (benchmarks/bench_kernels.py --sweep; H200,
+# float16, 10% density; benchmarks/results/kernels_tuning_h200.json, kernels_h200_llama2-*.json). One-token
+# gate/up (BLOCK_N, BLOCK_D, warps): (4, 1024, 4) 8.8 us at LLaMA-7B shapes, 11.7 us at 13B; the earlier
+# (2, 2048, 4) 9.1 / 12.6 us. Down (BLOCK_K, BLOCK_D, warps, programs per SM): (128, 64, 4, 4) 9.1 / 10.4 us; the
+# earlier (64, 128, 4, 8) 13.9 / 16.4 us (only 18 of its 33 slot splits had rows: a split of 64 rows read 256
+# bytes per row). Software pipelining (num_stages 1-4) changed nothing. int4 GEMV (BLOCK_N, bytes of a row per
+# step, warps): (8, 256, 4) 22.8 us at 7B, within 5% of the best of 9 shapes.
 _PROGRAMS_PER_SM, _DOWN_PROGRAMS_PER_SM = 8, 4
 _GEMV_BLOCK_N, _GEMV_MAX_BLOCK_D, _GEMV_WARPS = 4, 1024, 4
 _GEMM_BLOCK_N, _GEMM_BLOCK_D, _GEMM_WARPS = 16, 256, 4
@@ -214,20 +214,14 @@ def _compact_kernel(mask_ptr, idx_ptr, count_ptr, n, CHUNK: tl.constexpr, PREFIX
 
 
 @triton.jit
-def _nibble(byte):
-    # q - 8 for the low nibble q of each byte, without an int-to-float conversion (those run at a quarter of the
-    # FMA rate and bounded the kernel): the bits of 2^23 with q in the low mantissa bits are the float 2^23 + q.
-    bits = (byte.to(tl.int32) & 15) | 0x4B000000
-    return bits.to(tl.float32, bitcast=True) - 8388616.0
-
-
-@triton.jit
 def _int4_gemv_kernel(x_ptr, packed_ptr, scales_ptr, out_ptr, n_rows, n_groups, stride_x, stride_p, stride_s,
                       stride_out, GROUP_BYTES: tl.constexpr, GROUP_BLOCK: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     # Format: powerinfer.kernels.quantized; byte i of a row holds columns 2i (low nibble) and 2i + 1. A tile is
     # [rows, groups, bytes of a group]: each group's dot product is summed before its one scale multiplies it
-    # (a scale per element made the kernel ALU-bound: 13% of copy bandwidth at LLaMA-7B's gate).
+    # (a scale gathered and multiplied per element: 44 -> 23 us at LLaMA-7B's gate on an H200). Still ALU-bound
+    # at 26% of copy bandwidth, as fast as a float16 GEMV of the whole gate; unpacking nibbles by bit tricks
+    # instead of int-to-float conversions changed nothing (kernels_tuning_h200.json).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     token = tl.program_id(1)
@@ -241,7 +235,9 @@ def _int4_gemv_kernel(x_ptr, packed_ptr, scales_ptr, out_ptr, n_rows, n_groups, 
                        mask=row_ok[:, None, None] & ok[None, :, :], other=0x88)
         x_even = tl.load(x_ptr + token * stride_x + 2 * offs, mask=ok, other=0.0).to(tl.float32)
         x_odd = tl.load(x_ptr + token * stride_x + 2 * offs + 1, mask=ok, other=0.0).to(tl.float32)
-        dots = tl.sum(_nibble(byte) * x_even[None, :, :] + _nibble(byte >> 4) * x_odd[None, :, :], axis=2)
+        low = (byte & 15).to(tl.float32) - 8.0
+        high = (byte >> 4).to(tl.float32) - 8.0
+        dots = tl.sum(low * x_even[None, :, :] + high * x_odd[None, :, :], axis=2)
         scale = tl.load(scales_ptr + rows[:, None].to(tl.int64) * stride_s + groups[None, :],
                         mask=row_ok[:, None] & (groups < n_groups)[None, :], other=0.0).to(tl.float32)
         acc += dots * scale
