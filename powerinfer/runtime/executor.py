@@ -184,7 +184,8 @@ class SplitFFN(nn.Module):
         device = self.hot_device if self.n_hot else CPU
         mask = self.predictor.predict(flat.to(device, self._predictor_dtype))
         mask = mask.any(dim=0) if mask.shape[0] > 1 else mask[0]
-        mask[:self.layer.n_always_active] = True
+        if self.layer.n_always_active:
+            mask[:self.layer.n_always_active] = True
         return mask
 
     def _keep(self, h: torch.Tensor, first_row: int) -> torch.Tensor:
