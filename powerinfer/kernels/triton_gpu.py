@@ -306,7 +306,7 @@ def sparse_gate_up(x, w_gate, w_up, idx, activation, *, threshold=0.0, count=Non
         n_tokens, d, n_slots, x.stride(0), w_gate.stride(0), out.stride(0), float(threshold),
         HAS_COUNT=count is not None, ACTIVATION=activation_code(activation),
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, ZERO_BLOCK=_ZERO_BLOCK,
-        DOT_PRECISION=_dot_precision(w_gate.dtype), num_warps=warps
+        DOT_PRECISION=_dot_precision(w_gate.dtype), num_warps=warps,
     )
     return out
 
