@@ -1,0 +1,128 @@
+"""The Triton kernels against their references under Triton's interpreter (NumPy on the CPU).
+
+Run by tests/test_triton_interpreter.py in a subprocess with TRITON_INTERPRET=1 (set before triton is
+imported, and kept out of the main test process, whose CUDA tests need compiled kernels). Not collected by
+the main run (the file name has no `test_` prefix). This checks the kernels' logic — masks, device counts,
+slot splits, persistent loops, layouts — on odd sizes in CI without a GPU; compiled code, 16-bit rounding
+and speed are the cuda-marked tests' and the benchmarks' job.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_triton_interpreter.py"
+
+from powerinfer.kernels import fused, triton_fused, triton_gpu  # noqa: E402
+from powerinfer.kernels.activations import ACTIVATIONS  # noqa: E402
+from powerinfer.kernels.quantized import int4_gemv_reference, quantize_int4  # noqa: E402
+from powerinfer.kernels.sparse_ffn import (  # noqa: E402
+    compact_active_reference,
+    sparse_down_reference,
+    sparse_gate_up_reference,
+)
+
+D, N_FF = 37, 101
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def four_sms(monkeypatch):
+    # The launch grids are sized by the SM count (persistent programs, down's slot splits); a small count
+    # keeps the interpreter fast and still gives several programs and splits.
+    monkeypatch.setattr(triton_gpu, "_sm_count", lambda device_index: 4)
+
+
+def ffn(n_tokens: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tokens, D, generator=g)
+    weights = [torch.randn(N_FF, D, generator=g) / math.sqrt(D) for _ in range(3)]
+    return x, weights, g
+
+
+def active_sets(g: torch.Generator) -> dict[str, torch.Tensor]:
+    subset = torch.randperm(N_FF, generator=g)[: N_FF // 3]
+    return {"one": torch.tensor([N_FF - 1], dtype=torch.int32), "all": torch.randperm(N_FF, generator=g),
+            "third": subset.sort().values.to(torch.int32)}
+
+
+def id_buffer(idx: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The graph-safe form: capacity N_FF, the first `count` slots valid, stale ids after them."""
+    buffer = torch.randint(0, N_FF, (N_FF,), dtype=torch.int32)
+    buffer[:count] = idx[:count]
+    return buffer, torch.tensor([count], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gate_up(activation, n_tokens):
+    x, (w_gate, w_up, _), g = ffn(n_tokens, seed=n_tokens)
+    threshold = 0.1 if activation in ("relu", "drelu") else 0.0
+    for idx in active_sets(g).values():
+        got = triton_gpu.sparse_gate_up(x, w_gate, w_up, idx, activation, threshold=threshold)
+        want = sparse_gate_up_reference(x, w_gate, w_up, idx, activation, threshold=threshold)
+        torch.testing.assert_close(got, want, **TOL)
+        buffer, count = id_buffer(idx, max(0, idx.numel() - 2))
+        got = triton_gpu.sparse_gate_up(x, w_gate, w_up, buffer, activation, threshold=threshold, count=count)
+        want = sparse_gate_up_reference(x, w_gate, w_up, buffer, activation, threshold=threshold, count=count)
+        torch.testing.assert_close(got, want, **TOL)  # zeros past the count
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_down(n_tokens):
+    _, (_, _, w_down_t), g = ffn(n_tokens, seed=10 + n_tokens)
+    for idx in active_sets(g).values():
+        h = torch.randn(n_tokens, idx.numel(), generator=g)
+        torch.testing.assert_close(triton_gpu.sparse_down(h, w_down_t, idx), sparse_down_reference(h, w_down_t, idx),
+                                   **TOL)
+        buffer, count = id_buffer(idx, max(1, idx.numel() // 2))
+        h_full = torch.randn(n_tokens, N_FF, generator=g)
+        got = triton_gpu.sparse_down(h_full, w_down_t, buffer, count=count)
+        torch.testing.assert_close(got, sparse_down_reference(h_full, w_down_t, buffer, count=count), **TOL)
+
+
+def test_compact_active():
+    g = torch.Generator().manual_seed(3)
+    for mask in (torch.zeros(600, dtype=torch.bool), torch.ones(600, dtype=torch.bool),
+                 torch.rand(600, generator=g) < 0.1):
+        idx, count = torch.full((600,), -1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+        want_idx, want_count = idx.clone(), count.clone()
+        triton_gpu.compact_active(mask, idx, count)
+        compact_active_reference(mask, want_idx, want_count)
+        assert torch.equal(count, want_count)
+        assert torch.equal(idx[:int(count)], want_idx[:int(count)])
+
+
+@pytest.mark.parametrize(("d", "group", "n_tokens"), [(96, 32, 1), (576, 64, 2), (90, 6, 3)])
+def test_int4_gemv(d, group, n_tokens):
+    g = torch.Generator().manual_seed(d)
+    packed, scales = quantize_int4(torch.randn(37, d, generator=g) / math.sqrt(d), group)
+    x = torch.randn(n_tokens, d, generator=g)
+    torch.testing.assert_close(triton_gpu.int4_gemv(x, packed, scales), int4_gemv_reference(x, packed, scales),
+                               **TOL)
+
+
+def test_add_rms_norm():
+    g = torch.Generator().manual_seed(4)
+    x, a, b = (torch.randn(3, 1, 37, generator=g) for _ in range(3))
+    w = 1 + torch.randn(37, generator=g) / 4
+    for deltas in ((), (a,), (a, b)):
+        copy = torch.full((3, 37), float("nan"))
+        got = triton_fused.add_rms_norm(x, deltas, w, 1e-5, copy)
+        want = fused.add_rms_norm_reference(x, deltas, w, 1e-5)
+        for got_part, want_part in zip(got, want):
+            torch.testing.assert_close(got_part, want_part, **TOL)
+        torch.testing.assert_close(copy, want[1].view(3, 37), **TOL)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "seq"), [(9, 3, 64, 2), (5, 1, 6, 3)])
+def test_rotary_qkv(heads, kv_heads, head_dim, seq):
+    g = torch.Generator().manual_seed(heads)
+    qkv = torch.randn(2, seq, (heads + 2 * kv_heads) * head_dim, generator=g)
+    angles = torch.arange(seq)[:, None] * torch.rand(head_dim // 2, generator=g)[None, :]
+    got = triton_fused.rotary_qkv(qkv, angles.cos(), angles.sin(), heads, kv_heads)
+    want = fused.rotary_qkv_reference(qkv, angles.cos(), angles.sin(), heads, kv_heads)
+    for got_part, want_part in zip(got, want):
+        torch.testing.assert_close(got_part, want_part, **TOL)
