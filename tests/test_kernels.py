@@ -522,3 +522,45 @@ def test_triton_int4_gemv_matches_reference(d, group, n_tokens, dtype):
     y = int4_gemv(x, packed, scales, use_kernel=True)
     assert y.dtype == dtype and y.shape == (n_tokens, 1031)
     assert rel_error(y, int4_gemv_reference(x, packed, scales)) < GPU_REL_TOL[dtype]
+
+
+# -- the low-rank predictor's mask (kernels.lowrank) --------------------------------------------------------
+
+@pytest.mark.usefixtures("cpu_path")
+@needs_numba
+@pytest.mark.parametrize("n_tokens", [1, 3])
+@pytest.mark.parametrize(("d", "rank", "n_ff"), [(37, 5, 101), (96, 16, 300)])
+def test_lowrank_mask_numba_matches_reference(d, rank, n_ff, n_tokens):
+    from powerinfer.kernels.lowrank import bind_lowrank_mask, lowrank_mask, lowrank_mask_reference
+
+    g = torch.Generator().manual_seed(d + n_tokens)
+    w1, w2 = torch.randn(rank, d, generator=g) / math.sqrt(d), torch.randn(n_ff, rank, generator=g)
+    b2, x = torch.randn(n_ff, generator=g), torch.randn(n_tokens, d, generator=g)
+    logits = torch.relu(x @ w1.T) @ w2.T + b2
+    for threshold in (0.0, 0.7):
+        want = lowrank_mask_reference(x, w1, w2, b2, threshold)
+        assert torch.equal(want, logits > threshold)
+        # summation order may flip a logit within rounding of the threshold: compare away from it
+        clear = (logits - threshold).abs() > 1e-4
+        assert clear.float().mean() > 0.99
+        got = lowrank_mask(x, w1, w2, b2, threshold, use_kernel=True)
+        assert got.shape == want.shape and torch.equal(got[clear], want[clear])
+        mask = torch.zeros(n_tokens, n_ff, dtype=torch.bool)
+        bound = bind_lowrank_mask(w1, w2, b2, threshold).bind(x, mask)
+        bound()
+        assert torch.equal(mask, got)
+        x.mul_(-1)  # a bound call reads what the buffer holds at call time
+        bound()
+        assert torch.equal(mask, lowrank_mask(x, w1, w2, b2, threshold, use_kernel=True))
+        x.mul_(-1)
+
+
+@needs_numba
+def test_lowrank_mask_rejects_mismatched_buffers():
+    from powerinfer.kernels.lowrank import bind_lowrank_mask
+
+    bound = bind_lowrank_mask(torch.randn(4, 8), torch.randn(10, 4), torch.randn(10), 0.0)
+    with pytest.raises(ValueError, match="mask"):
+        bound.bind(torch.zeros(1, 8), torch.zeros(1, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="x must be"):
+        bound.bind(torch.zeros(1, 7), torch.zeros(1, 10, dtype=torch.bool))

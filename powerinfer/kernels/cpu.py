@@ -382,6 +382,66 @@ def _int4_gemv_kernel(x_even, x_odd, x_group_sums, packed, scales, n_tasks, out)
 _int4_gemv_kernel_serial = _serial_variant(_int4_gemv_kernel)
 
 
+@njit(**_JIT)
+def _lowrank_mask_kernel(x, w1, w2, b2, threshold, n_tasks, mask):
+    """mask[t, i] = (w2[i] . relu(w1 @ x[t]) + b2[i]) > threshold: the low-rank predictor's decision, its
+    logits never stored."""
+    n_tokens = x.shape[0]
+    rank, n_out = w1.shape[0], w2.shape[0]
+    hidden = np.empty((n_tokens, rank), np.float32)
+    for t in range(n_tokens):  # rank x d: small next to the second product
+        for j in range(rank):
+            acc = np.float32(0.0)
+            for k in range(x.shape[1]):
+                acc += w1[j, k] * x[t, k]
+            hidden[t, j] = max(acc, np.float32(0.0))
+    for task in prange(n_tasks):
+        lo = task * n_out // n_tasks
+        hi = (task + 1) * n_out // n_tasks
+        for i in range(lo, hi):
+            row = w2[i]
+            for t in range(n_tokens):
+                acc = b2[i]
+                for j in range(rank):
+                    acc += row[j] * hidden[t, j]
+                mask[t, i] = acc > threshold
+
+
+_lowrank_mask_kernel_serial = _serial_variant(_lowrank_mask_kernel)
+
+
+class LowRankMask:
+    """The low-rank predictor's mask over fixed float32 weights (fc1 [r, d], fc2 [n, r], bias [n]); `bind`
+    fixes the input and mask buffers too, so a decode step's call costs the kernel and little more."""
+
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, threshold: float):
+        self.w1, self.w2, self.b2 = (_float32_array(w) for w in (w1, w2, b2))
+        self.threshold = np.float32(threshold)
+
+    def _run(self, x: np.ndarray, mask: np.ndarray) -> None:
+        if _serial(self.w1.nbytes + self.w2.nbytes):
+            _lowrank_mask_kernel_serial(x, self.w1, self.w2, self.b2, self.threshold, 1, mask)
+        else:
+            n_tasks = max(1, min(self.w2.shape[0], numba.get_num_threads()))
+            _lowrank_mask_kernel(x, self.w1, self.w2, self.b2, self.threshold, n_tasks, mask)
+
+    def _arrays(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.w1.shape[1] or not x.is_contiguous():
+            raise ValueError(f"x must be a contiguous float32 [T, {self.w1.shape[1]}] tensor")
+        if mask.dtype != torch.bool or tuple(mask.shape) != (x.shape[0], self.w2.shape[0]) or not mask.is_contiguous():
+            raise ValueError(f"mask must be a contiguous bool [{x.shape[0]}, {self.w2.shape[0]}] tensor")
+        return x.detach().numpy(), mask.numpy()
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.empty((x.shape[0], self.w2.shape[0]), dtype=torch.bool) if out is None else out
+        self._run(*self._arrays(x, out))
+        return out
+
+    def bind(self, x: torch.Tensor, mask: torch.Tensor):
+        """A call without arguments that fills `mask` from what `x` holds then."""
+        return functools.partial(self._run, *self._arrays(x, mask))
+
+
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """y[T, n] = x @ dequantize_int4(packed, scales)^T for a few float32 tokens (float32 scales)."""
     packed_np = packed.detach().contiguous().numpy()

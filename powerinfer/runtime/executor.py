@@ -132,6 +132,7 @@ class SplitFFN(nn.Module):
             device = self.hot_device if self.n_hot else CPU
             self._predictor_dtype = plan.device_dtype(device)
             self.predictor = predictor.to(device, self._predictor_dtype)
+        self._cpu_decode = self._bind_cpu_decode() if self.hot is None and self._cold_ffn is not None else None
         self._hot_idx = self._hot_count = None
         if layer.strategy != "dense" and self.n_hot and plan.hot_device.type == "cuda":
             # static index/count buffers: the hot path has fixed shapes and can be captured in a CUDA graph
@@ -148,12 +149,33 @@ class SplitFFN(nn.Module):
         # contiguous on the host first: a strided copy on the GPU would briefly hold the rows twice
         return [t[start:stop].contiguous().to(device=device, dtype=dtype) for t in (gate, up, down_t)]
 
+    def _bind_cpu_decode(self):
+        """One token through a layer whose rows are all in CPU memory, over fixed buffers: the predictor and
+        the masked FFN bound to them once (a decode step's per-call conversions and checks cost several times
+        the tiny ReLU model's kernels)."""
+        d = self.cold[2].shape[1]
+        x, y = torch.zeros(1, d), torch.zeros(1, d)
+        mask = torch.zeros(1, self.n_ff, dtype=torch.bool)
+        bind = getattr(self.predictor, "bind", None)  # predictors without one (tests' oracles): predict + copy
+        predict = bind(x, mask) if bind is not None else lambda: mask.copy_(self.predictor.predict(x))
+        run, n_always, counts = self._cold_ffn.bind(x, mask[0], y), self.layer.n_always_active, self.counts
+
+        def step(flat: torch.Tensor) -> torch.Tensor:
+            x.copy_(flat)
+            predict()
+            if n_always:
+                mask[0, :n_always] = True
+            counts.cold += run()
+            return y.clone()  # the buffer is rewritten by the next call
+        return step
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, flat, t = x.shape, x.reshape(-1, x.shape[-1]), self.timer
         if self.hot is None:  # all rows on the CPU: one copy there (if needed), then everything on the CPU
             flat = _move(flat, CPU, torch.float32, t)
             with _cpu_time(t):
-                y = self.cold_part(flat, None)
+                y = self._cpu_decode(flat) if self._cpu_decode is not None and flat.shape[0] == 1 else \
+                    self.cold_part(flat, None)
             y = flat.new_zeros(flat.shape) if y is None else y
             return _move(y, x.device, x.dtype, t).reshape(shape)
         active = self.predict(flat) if self.predictor is not None else None

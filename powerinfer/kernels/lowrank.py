@@ -1,0 +1,62 @@
+"""The low-rank activation predictor's decision, `relu(x @ w1.T) @ w2.T + b > threshold` (PowerInfer §5.1; Deja
+Vu, arXiv 2310.17157), as a mask with its logits never stored.
+
+As every kernel here: a plain-PyTorch reference, a fast kernel and a dispatcher. The fast kernel (numba
+`cpu.LowRankMask`) pays off only over fixed weights and buffers, as a decode loop calls it, once per layer and
+step: bound, 5 us for the tiny ReLU model's predictor on one thread of the 2-core VM, where the reference's
+three torch calls and comparison take 9 and an unbound numba call 10 (most of it converting arguments). So
+the dispatcher is `bind_lowrank_mask` (numba for float32 CPU weights, else the reference; on CUDA the
+reference's products are cuBLAS GEMVs inside the decode step's CUDA graph).
+"""
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from powerinfer.kernels import cpu as _cpu_kernels
+except ImportError:  # numba not installed
+    _cpu_kernels = None
+
+
+def lowrank_mask_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                           threshold: float | torch.Tensor) -> torch.Tensor:
+    """bool [T, n]: relu(x @ w1.T) @ w2.T + b2 > threshold, in x's dtype."""
+    return F.linear(torch.relu(F.linear(x, w1)), w2, b2) > threshold
+
+
+def _use_kernel(*weights: torch.Tensor) -> bool:
+    return _cpu_kernels is not None and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
+
+
+def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                 threshold: float | torch.Tensor, *, use_kernel: bool | None = None) -> torch.Tensor:
+    """One unbound call (tests, one-offs): the numba kernel for float32 CPU operands unless `use_kernel` is
+    False, else the reference."""
+    if use_kernel is not False and _use_kernel(x, w1, w2, b2):
+        return _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold))(x.contiguous())
+    if use_kernel:
+        raise RuntimeError(f"no fast low-rank mask kernel for {x.device.type} {x.dtype} inputs")
+    return lowrank_mask_reference(x, w1, w2, b2, threshold)
+
+
+class _ReferenceLowRankMask:
+    def __init__(self, w1, w2, b2, threshold):
+        self._operands = (w1, w2, b2, threshold)
+
+    def __call__(self, x, out=None):
+        mask = lowrank_mask_reference(x, *self._operands)
+        return mask if out is None else out.copy_(mask)
+
+    def bind(self, x, mask):
+        return lambda: self(x, mask)
+
+
+def bind_lowrank_mask(w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, threshold: float | torch.Tensor):
+    """`lowrank_mask` with its weights fixed: a callable (x, out=None) -> mask, and `bind(x, mask)` -> a call
+    without arguments that fills `mask` from what `x` holds then (x float32 [T, d], mask bool [T, n])."""
+    if _use_kernel(w1, w2, b2):
+        return _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold))
+    return _ReferenceLowRankMask(w1, w2, b2, threshold)
+
+
+__all__ = ["lowrank_mask", "lowrank_mask_reference", "bind_lowrank_mask"]
