@@ -34,14 +34,16 @@ def per_call_us(fn, inputs, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1e6
 
 
-def decode_ms(generator, prompt: list[int], steps: int) -> float:
-    generator.prefill(prompt)
-    token = torch.tensor([prompt[-1]])
-    for position in range(len(prompt), len(prompt) + 4):  # warm-up
-        generator.decode_step(token, position)
+def decode_ms(generator, text: list[int], prompt_tokens: int, steps: int) -> float:
+    """ms per decode step after a prompt, fed the text's next tokens (a repeated token would keep the same
+    active rows in cache and flatter the sparse mode)."""
+    generator.prefill(text[:prompt_tokens])
+    positions = range(prompt_tokens, prompt_tokens + 4 + steps)
+    for position in positions[:4]:  # warm-up
+        generator.decode_step(torch.tensor([text[position]]), position)
     start = time.perf_counter()
-    for position in range(len(prompt) + 4, len(prompt) + 4 + steps):
-        generator.decode_step(token, position)
+    for position in positions[4:]:
+        generator.decode_step(torch.tensor([text[position]]), position)
     return (time.perf_counter() - start) / steps * 1e3
 
 
@@ -61,13 +63,15 @@ def main() -> None:
     dense = powerinfer.load(args.model, mode="dense")
     sparse = powerinfer.load(args.model, mode="cpu")
     with open(args.data, encoding="utf-8") as f:
-        prompt = dense.tokenizer.encode(f.read(20_000))[:192]
+        text = dense.tokenizer.encode(f.read(40_000))
+    if len(text) < 68 + args.steps:
+        raise SystemExit(f"{args.data}: too little text for {args.steps} decode steps")
 
     inputs = {}  # layer -> its FFN inputs [1, 1, d], one per token
     hooks = [layer.mlp.register_forward_pre_hook(
         lambda module, args, i=i: inputs.__setitem__(i, [t.view(1, 1, -1).clone() for t in args[0][0, -64:]]))
         for i, layer in enumerate(dense.model.layers)]
-    dense.prefill(prompt)
+    dense.prefill(text[:192])
     for hook in hooks:
         hook.remove()
 
@@ -78,8 +82,8 @@ def main() -> None:
                        "sparse_ffn_us": per_call_us(ffn, inputs[i], repeats)})
     runs = {"dense": [], "cpu": []}
     for _ in range(args.pairs):
-        runs["dense"].append(decode_ms(dense, prompt[:64], args.steps))
-        runs["cpu"].append(decode_ms(sparse, prompt[:64], args.steps))
+        runs["dense"].append(decode_ms(dense, text, 64, args.steps))
+        runs["cpu"].append(decode_ms(sparse, text, 64, args.steps))
     dense_step, cpu_step = (statistics.median(runs[m]) for m in ("dense", "cpu"))
     dense_ffns = sum(layer["dense_ffn_us"] for layer in layers) / 1e3
     sparse_ffns = sum(layer["sparse_ffn_us"] for layer in layers) / 1e3
