@@ -12,6 +12,9 @@ One code path serves every mode, set by an `ExecutionPlan`:
 - `dense`: the plain model (see `build_executor`); `offload`: llama.cpp `-ngl` style, the first layers
   whole and dense on the GPU, the rest dense on the CPU.
 The hot device is a parameter, so the split logic also runs (and is tested) with both halves on the CPU.
+A decode step's layer with every row in CPU memory runs over fixed buffers with its predictor and masked FFN
+bound to them once (`SplitFFN._bind_cpu_decode`); a hybrid step binds its cold parts the same way
+(`runtime.segments`).
 """
 
 from __future__ import annotations
