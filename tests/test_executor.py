@@ -196,6 +196,25 @@ def test_cpu_layer_decode_path_equals_the_general_path(kind):
             torch.testing.assert_close(fast, general, atol=1e-6, rtol=1e-6)
 
 
+def test_cpu_rows_keep_gate_and_up_in_one_allocation():
+    """Dense products over the CPU rows' gate and up are one GEMV (executor._gate_up): the two halves of one
+    allocation, each a contiguous matrix for the sparse kernels; the result equals two separate products."""
+    from powerinfer.runtime.executor import CPU, ExecutionPlan, LayerPlan, NeuronCounts, SplitFFN, _gate_up
+
+    torch.manual_seed(5)
+    d, n_ff = 64, 203
+    gate_up, down = torch.randn(2 * n_ff, d), torch.randn(d, n_ff)
+    plan = ExecutionPlan("cpu", CPU, torch.float32, [], CPU, CPU)
+    ffn = SplitFFN(gate_up, down, "silu", LayerPlan(CPU, 70, "exact-sparse-down"), plan, None, NeuronCounts(CPU))
+    gate, up, _ = ffn.cold
+    assert gate.is_contiguous() and up.is_contiguous() and gate.shape == up.shape == (n_ff - 70, d)
+    assert up.data_ptr() == gate.data_ptr() + gate.numel() * gate.element_size()
+    x = torch.randn(2, d)
+    want = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+    torch.testing.assert_close(_gate_up(x, gate, up, ("silu", 0.0)), want)
+    torch.testing.assert_close(_gate_up(x, gate.clone(), up.clone(), ("silu", 0.0)), want)
+
+
 def _eager_and_segments(make_run, ids):
     """Greedy logits and neuron shares of a prefill + decode, eager and through the CUDA-graph segments
     (runtime.segments), each with a fresh executor from make_run()."""
