@@ -1,7 +1,8 @@
 """Where a hybrid decode step's wall time goes, without the synchronising PhaseTimer of `bench`.
 
 Builds a SYNTHETIC model in memory (powerinfer.bench.synthetic_artifact), loads it in hybrid mode at a VRAM
-budget and decodes greedily. It reports the plain decode rate, then wraps three executor phases with
+budget and decodes greedily. It reports the plain decode rate (with CUDA-graph segments, for both schedules:
+graphs queued ahead of the CPU, and launched layer by layer), then wraps three executor phases with
 perf_counter (host waiting for the GPU's attention + predictor + copies; the CPU's cold FFN; staging its
 output) and prints per-token milliseconds of each and of the rest (Python and kernel launches), then a
 torch.profiler table of a few steps. Without a GPU it is a dry run with the hot half on the CPU.
@@ -82,6 +83,11 @@ def main():
     with torch.inference_mode():
         report["decode_ms"] = round(1e3 * decode(gen, prompt, args.steps), 3)
         report["decode_uses_graph_segments"] = gen.use_segments
+        if gen._segments is not None:  # each layer's graphs queued ahead of the CPU's part (default) or not
+            for queue_ahead in (False, True, False, True):
+                gen._segments.queue_ahead = queue_ahead
+                key = "decode_ms_queued_ahead" if queue_ahead else "decode_ms_layer_by_layer"
+                report.setdefault(key, []).append(round(1e3 * decode(gen, prompt, args.steps), 3))
         eager = Generator(gen.loaded, context=context, cuda_graphs=False)
         report["eager_decode_ms"] = round(1e3 * decode(eager, prompt, args.steps), 3)
         del eager
@@ -90,7 +96,7 @@ def main():
         segments = gen._segments.layers if gen._segments is not None else []
         SplitFFN._cold_forward = wrap(spent, "cpu_cold_ffn", cold_forward)  # eager steps
         if segments:  # bound calls that bypass _cold_forward
-            gen._segments.layers = [(a, b, cold and wrap(spent, "cpu_cold_ffn", cold)) for a, b, cold in segments]
+            gen._segments.layers = [(a, b, cold and wrap(spent, "cpu_cold_ffn", cold), e) for a, b, cold, e in segments]
         torch.cuda.Event.synchronize = wrap(spent, "host_waits_for_gpu", sync)
         try:
             wall = decode(gen, prompt, args.steps, after_prefill=spent.clear)
@@ -104,13 +110,13 @@ def main():
         report["wrapped_decode_ms"] = round(1e3 * wall, 3)
         report["split_ms_per_token"] = split
         if segments:  # the same cold calls (last token's inputs) back to back, without the GPU in between
-            colds = [cold for _, _, cold in segments if cold is not None]
+            colds = [cold for _, _, cold, _ in segments if cold is not None]
             start = time.perf_counter()
             for _ in range(args.steps):
                 for cold in colds:
                     cold()
             report["cold_ffn_alone_ms_per_token"] = round(1e3 * (time.perf_counter() - start) / args.steps, 3)
-        print(json.dumps({k: v for k, v in report.items() if k.endswith(("_ms", "_ms_per_token")) or k.startswith("split")}), flush=True)
+        print(json.dumps({k: v for k, v in report.items() if "_ms" in k or k.startswith("split")}), flush=True)
         sweep = defaultdict(list)  # a thread count may be listed twice: both times are kept
         for threads in [int(n) for n in args.sweep_threads.split(",") if n]:
             set_threads(threads)

@@ -241,13 +241,84 @@ def _hybrid_on_cuda(relu_model, placement):
 def test_hybrid_graph_segments_equal_eager_decode(relu_model, ends_on_gpu):
     """Decode through per-layer CUDA-graph segments == the eager hybrid step; covers a layer all on the CPU
     (predictor in host memory), a split one, one all on the GPU, and embeddings/head either side."""
-    placement = {"layers": [{"n_gpu_neurons": n, "attention_on_gpu": True} for n in (0, 60, 203)],
-                 "embeddings_on_gpu": ends_on_gpu, "lm_head_on_gpu": ends_on_gpu}
+    placement = {**_split_placement(), "embeddings_on_gpu": ends_on_gpu, "lm_head_on_gpu": ends_on_gpu}
     ids = torch.randint(0, 256, (20,)).tolist()
     (eager, eager_shares), (segments, segment_shares) = _eager_and_segments(
         lambda: _hybrid_on_cuda(relu_model, placement), ids)
     torch.testing.assert_close(segments, eager, atol=1e-4, rtol=1e-4)
     assert segment_shares == pytest.approx(eager_shares)
+
+
+def _split_placement():
+    return {"layers": [{"n_gpu_neurons": n, "attention_on_gpu": True} for n in (0, 60, 203)]}
+
+
+@cuda
+@pytest.mark.cuda
+def test_graph_segments_timed_and_failed_steps(relu_model):
+    """The segments' two schedules (queued one layer ahead of the CPU; one layer at a time under `bench`'s
+    timer) give the same logits; a CPU part that raises leaves no wait armed: the step raises, and the next
+    steps match a fresh run."""
+    from powerinfer.runtime.timing import PhaseTimer
+
+    ids = torch.randint(0, 256, (12,)).tolist()
+
+    def decode(run, timed_steps=(), failing_step=None):
+        gen = Generator(run, context=64, cuda_graphs=True)
+        out = [gen.prefill(ids[:5])]
+        for i, t in enumerate(ids[5:]):
+            run.model.timer = PhaseTimer(cuda=True) if i in timed_steps else None
+            if i == failing_step:
+                segments = gen._segments
+                graph_a, graph_b, cold, event = segments.layers[1]
+
+                def fail():
+                    raise RuntimeError("cold part failed")
+                segments.layers[1] = (graph_a, graph_b, fail, event)
+                with pytest.raises(RuntimeError, match="cold part failed"):
+                    gen.decode_step(torch.tensor([t]), 5 + i)
+                assert not segments._ready_np.any()
+                segments.layers[1] = (graph_a, graph_b, cold, event)
+            out.append(gen.decode_step(torch.tensor([t]), 5 + i))
+        run.model.timer = None
+        return torch.cat([x.cpu() for x in out])
+
+    with torch.inference_mode():
+        plain = decode(_hybrid_on_cuda(relu_model, _split_placement()))
+        timed = decode(_hybrid_on_cuda(relu_model, _split_placement()), timed_steps=(1, 2, 5))
+        failed = decode(_hybrid_on_cuda(relu_model, _split_placement()), failing_step=3)
+    torch.testing.assert_close(timed, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(failed, plain, atol=1e-5, rtol=1e-5)
+
+
+@cuda
+@pytest.mark.cuda
+def test_wait_for_host_flag_holds_the_stream_until_the_host_sets_it():
+    import time
+
+    from powerinfer.kernels.fused import wait_for_host_flag
+
+    flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+    after = torch.zeros(1, device="cuda")
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        wait_for_host_flag(flag, torch.device("cuda"))
+        after.add_(1)
+        time.sleep(0.2)
+        assert not torch.cuda.current_stream().query()  # still waiting
+        flag[0] = 1
+        torch.cuda.synchronize()
+    assert float(after) == 1 and int(flag[0]) == 0
+
+
+def test_wait_for_host_flag_reference_and_checks():
+    from powerinfer.kernels.fused import wait_for_host_flag
+
+    flag = torch.ones(1, dtype=torch.int32)
+    wait_for_host_flag(flag, torch.device("cpu"))
+    assert int(flag[0]) == 0
+    with pytest.raises(ValueError, match="int32"):
+        wait_for_host_flag(torch.ones(1), torch.device("cpu"))
 
 
 @cuda

@@ -126,3 +126,11 @@ def test_rotary_qkv(heads, kv_heads, head_dim, seq):
     want = fused.rotary_qkv_reference(qkv, angles.cos(), angles.sin(), heads, kv_heads)
     for got_part, want_part in zip(got, want):
         torch.testing.assert_close(got_part, want_part, **TOL)
+
+
+def test_wait_for_host_flag():
+    """A set flag lets the kernel through and is zeroed (re-armed); a wait on a clear one would spin, which the
+    CUDA tests cover with the host setting it later."""
+    flag = torch.ones(1, dtype=torch.int32)
+    triton_fused.wait_for_host_flag(flag)
+    assert int(flag[0]) == 0

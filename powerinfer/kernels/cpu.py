@@ -126,16 +126,44 @@ def _gated_dot(x_t, gate_row, up_row, code, threshold):
     return _gated(gate, up, code, threshold)
 
 
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _gated_dot_pair(x_t, gate0, up0, gate1, up1, code, threshold):
+    """`_gated_dot` of two neurons in one pass: four row streams in flight instead of two."""
+    g0 = np.float32(0.0)
+    u0 = np.float32(0.0)
+    g1 = np.float32(0.0)
+    u1 = np.float32(0.0)
+    for i in range(x_t.shape[0]):
+        xi = x_t[i]
+        g0 += xi * _weight(gate0, i)
+        u0 += xi * _weight(up0, i)
+        g1 += xi * _weight(gate1, i)
+        u1 += xi * _weight(up1, i)
+    return _gated(g0, u0, code, threshold), _gated(g1, u1, code, threshold)
+
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _gated_rows(x, w_gate, w_up, ids, code, threshold, h):
+    """h[t, j] = the activation of neuron ids[j] for token t, two neurons per pass (a core's reads of scattered
+    rows are latency-bound; 2-core VM, 107 of 6600 bfloat16 rows: the masked FFN 111-125 -> 91 us)."""
+    n_tokens, n = x.shape[0], ids.shape[0]
+    j = 0
+    while j + 2 <= n:
+        gate0, up0, gate1, up1 = w_gate[ids[j]], w_up[ids[j]], w_gate[ids[j + 1]], w_up[ids[j + 1]]
+        for t in range(n_tokens):
+            h[t, j], h[t, j + 1] = _gated_dot_pair(x[t], gate0, up0, gate1, up1, code, threshold)
+        j += 2
+    if j < n:
+        for t in range(n_tokens):
+            h[t, j] = _gated_dot(x[t], w_gate[ids[j]], w_up[ids[j]], code, threshold)
+
+
 @njit(**_JIT)
 def _gate_up_kernel(x, w_gate, w_up, idx, code, threshold, n_tasks, out):
-    n_tokens = x.shape[0]
     k = idx.shape[0]
     for task in prange(n_tasks):
-        for j in range(task * k // n_tasks, (task + 1) * k // n_tasks):
-            gate_row = w_gate[idx[j]]
-            up_row = w_up[idx[j]]
-            for t in range(n_tokens):
-                out[t, j] = _gated_dot(x[t], gate_row, up_row, code, threshold)
+        lo, hi = task * k // n_tasks, (task + 1) * k // n_tasks
+        _gated_rows(x, w_gate, w_up, idx[lo:hi], code, threshold, out[:, lo:hi])
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
@@ -479,18 +507,19 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, partial
         acc[:] = 0
         # pass 1: gate/up of this task's neurons; keep those with a nonzero h (a predicted neuron that
         # stays at zero never has its down row read)
-        rows = np.empty(hi - lo, np.int64)
+        task_ids = ids[lo:hi]
         h = np.empty((n_tokens, hi - lo), np.float32)
+        _gated_rows(x, w_gate, w_up, task_ids, code, threshold, h)
+        rows = np.empty(hi - lo, np.int64)
         m = 0
-        for j in range(lo, hi):
-            gate_row, up_row = w_gate[ids[j]], w_up[ids[j]]
+        for j in range(hi - lo):
             nonzero = False
             for t in range(n_tokens):
-                value = _gated_dot(x[t], gate_row, up_row, code, threshold)
-                h[t, m] = value
-                nonzero = nonzero or value != 0
-            if nonzero:
-                rows[m] = ids[j]
+                nonzero = nonzero or h[t, j] != 0
+            if nonzero:  # kept: moved down to column m
+                for t in range(n_tokens):
+                    h[t, m] = h[t, j]
+                rows[m] = task_ids[j]
                 m += 1
         # pass 2: the down AXPY over the kept rows
         _accumulate_rows(acc, h, rows, 0, m, w_down_t)

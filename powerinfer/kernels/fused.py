@@ -1,5 +1,6 @@
 """The small elementwise steps of a decoder layer, fused: RMSNorm (with the residual add before it) and the
-rotary embedding of q and k. Plain-PyTorch references, Triton kernels (``triton_fused.py``) and dispatchers.
+rotary embedding of q and k; and the GPU's wait for the CPU's part of a hybrid layer. Plain-PyTorch
+references, Triton kernels (``triton_fused.py``) and dispatchers.
 
 At batch 1 these steps move a few KB each, but written as PyTorch ops they are ~30 kernels per layer
 (RMSNorm alone: cast, square, mean, add, rsqrt, two multiplies, cast), each a launch of a few microseconds
@@ -111,3 +112,27 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
     if _use_numba(qkv, cos, sin):
         return _cpu_kernels.rotary_qkv(qkv, cos, sin, n_heads, n_kv_heads)
     return rotary_qkv_reference(qkv, cos, sin, n_heads, n_kv_heads)
+
+
+def wait_for_host_flag_reference(flag: torch.Tensor) -> None:
+    """Returns once flag[0] is nonzero, and zeroes it."""
+    while int(flag[0]) == 0:
+        pass
+    flag[0] = 0
+
+
+def wait_for_host_flag(flag: torch.Tensor, device: torch.device) -> None:
+    """Makes `device`'s current stream wait until the host sets flag[0] (a pinned int32), then zeroes it.
+
+    A hybrid decode step queues each layer's CUDA graph before the CPU has finished its part of the layer
+    before (runtime.segments); the graph's first kernel waits here, so the GPU starts the moment the CPU's
+    output is ready instead of after the host's launch. The stream stalls until the host sets the flag:
+    the caller must set it (or release it when a step fails). On the CPU, the reference (the host waits)."""
+    if flag.dtype != torch.int32 or flag.numel() != 1 or flag.is_cuda:
+        raise ValueError("flag must be a one-element int32 host tensor")
+    if device.type == "cuda" and _triton_available() and not torch.is_grad_enabled():
+        if not flag.is_pinned():
+            raise ValueError("a CUDA stream can wait only on a flag in pinned memory")
+        _triton().wait_for_host_flag(flag)
+    else:
+        wait_for_host_flag_reference(flag)

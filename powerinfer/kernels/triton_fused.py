@@ -1,7 +1,9 @@
-"""Triton kernels for ``fused.py``: residual add + RMSNorm, and the rotary embedding of q and k.
+"""Triton kernels for ``fused.py``: residual add + RMSNorm, the rotary embedding of q and k, and a stream's
+wait for a flag the host sets.
 
-Pinned host tensors (a delta, the norm's float32 copy) are read and written in place through their
-device-mapped addresses. One program per row (token) for the norm, one per (token, head) for the rotation; every launch shape
+Pinned host tensors (a delta, the norm's float32 copy, the flag) are read and written in place through their
+device-mapped addresses; host deltas are read with volatile loads, past any cached copy, since the host may
+have written them after the kernel was queued (``wait_for_host_flag``). One program per row (token) for the norm, one per (token, head) for the rotation; every launch shape
 depends on the tensor shapes alone, so both run inside the CUDA graphs of a decode step. Arithmetic is
 float32 and rounds where the references round: the sum to x's dtype before it is normed, the normed row to
 x's dtype before the weight multiplies it.
@@ -14,16 +16,18 @@ import triton.language as tl
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, delta1_ptr, delta2_ptr, weight_ptr, sum_ptr, normed_ptr, copy_ptr, width, eps,
-                         N_DELTAS: tl.constexpr, COPY: tl.constexpr, BLOCK: tl.constexpr):
+                         N_DELTAS: tl.constexpr, COPY: tl.constexpr, BLOCK: tl.constexpr,
+                         VOLATILE1: tl.constexpr, VOLATILE2: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < width
     offsets = row * width + cols
     x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     if N_DELTAS > 0:
-        delta = tl.load(delta1_ptr + offsets, mask=inside, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
+        delta = tl.load(delta1_ptr + offsets, mask=inside, other=0.0, volatile=VOLATILE1)
+        delta = delta.to(x_ptr.dtype.element_ty).to(tl.float32)
         if N_DELTAS > 1:
-            more = tl.load(delta2_ptr + offsets, mask=inside, other=0.0).to(x_ptr.dtype.element_ty)
+            more = tl.load(delta2_ptr + offsets, mask=inside, other=0.0, volatile=VOLATILE2).to(x_ptr.dtype.element_ty)
             delta = (delta + more.to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
         x = (x + delta).to(x_ptr.dtype.element_ty)
         tl.store(sum_ptr + offsets, x, mask=inside)
@@ -50,7 +54,8 @@ def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torc
         _add_rms_norm_kernel[(rows,)](
             x, deltas[0] if deltas else x, deltas[1] if len(deltas) > 1 else x, weight, total, normed,
             normed if copy_to is None else copy_to, width, eps,
-            N_DELTAS=len(deltas), COPY=copy_to is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+            N_DELTAS=len(deltas), COPY=copy_to is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            VOLATILE1=bool(deltas) and not deltas[0].is_cuda, VOLATILE2=len(deltas) > 1 and not deltas[1].is_cuda)
     return total, normed
 
 
@@ -91,3 +96,15 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
             num_warps=1)
     v = qkv[..., (n_heads + n_kv_heads) * head_dim:].view(batch, seq, n_kv_heads, head_dim).transpose(1, 2)
     return q, k, v
+
+
+@triton.jit
+def _wait_for_host_flag_kernel(flag_ptr):
+    ready = tl.load(flag_ptr, volatile=True)
+    while ready == 0:
+        ready = tl.load(flag_ptr, volatile=True)
+    tl.store(flag_ptr, 0)  # re-armed for the next wait
+
+
+def wait_for_host_flag(flag: torch.Tensor) -> None:
+    _wait_for_host_flag_kernel[(1,)](flag, num_warps=1)

@@ -9,10 +9,14 @@ token's 70 ms, scripts/profile_hybrid.py). So the step is cut where the CPU work
   kernel, which also writes the FFN input into a pinned buffer for the CPU), the predictor, and the copy of
   the cold mask to pinned memory;
 - graph B: the hot FFN.
-The host replays A, records an event, replays B (the GPU runs it while the CPU works), waits for the
-event, computes the cold FFN into the layer's pinned output buffer and moves on to the next layer's A,
-whose first kernel reads that buffer. (Zero-copy instead of copy nodes: an H100 graph replays a 16 KB
-host-to-device copy and an add in 11.2 us, one kernel reading pinned memory in 5.3 us.) A last graph adds
+The host queues A and B of a layer before the CPU has finished its part of the layer before: A's first
+kernel waits for a flag the host sets in pinned memory when that part is done (kernels.fused
+`wait_for_host_flag`), so the GPU starts the next layer the moment the CPU's output is ready, and the
+host's graph launches run while the GPU is busy, off the path of the step. Per layer the host then waits
+for an event after A (the cold FFN's input and mask), computes the cold FFN into the layer's pinned output
+buffer, sets the layer's flag and queues the layer after next; A of the next layer reads that buffer in its
+first kernel. (Zero-copy instead of copy nodes: an H100 graph replays a 16 KB host-to-device copy and an add
+in 11.2 us, one kernel reading pinned memory in 5.3 us.) A last graph adds
 the last layer's outputs (and runs norm and lm_head).
 Layers whose attention stays in CPU memory (offload's CPU layers, after its GPU layers) then run eagerly.
 Without graphs, offload's 20 GPU layers of a synthetic 7B took 16 ms per token on an H100 host (bench),
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from powerinfer.kernels.fused import wait_for_host_flag
 from powerinfer.runtime.executor import HybridTransformer, _cpu_time
 
 
@@ -45,6 +50,8 @@ class DecodeSegments:
     Capture runs nothing: the caller warms the model up first (eager forward passes), as CUDA graph
     capture requires, and restores the cache slots the warm-up wrote."""
 
+    queue_ahead = True  # False: launch each layer's graphs after the CPU part before them (same results)
+
     def __init__(self, model: HybridTransformer, cache):
         self.model, self.cache = model, cache
         plan = model.plan
@@ -52,13 +59,16 @@ class DecodeSegments:
         self.tokens = torch.zeros((1, 1), dtype=torch.long, device=plan.embed_device)
         self.position = torch.zeros(1, dtype=torch.long, device=hot)
         self.x0 = torch.zeros((1, 1, d), dtype=dtype, device=hot)
-        self._done = torch.cuda.Event()
         self._pool = torch.cuda.graph_pool_handle()
         self._rope = None
-        self.layers = []
-        x, pending = self.x0, None
         self.n_gpu_layers = sum(layer.attention_device == hot for layer in plan.layers)
-        for block, ffn in zip(model.attention_layers[:self.n_gpu_layers], model.ffns[:self.n_gpu_layers]):
+        # one flag per layer, set by the host when the layer's CPU part is in its pinned buffer
+        self._ready = torch.zeros((self.n_gpu_layers, 1), dtype=torch.int32, pin_memory=True)
+        self._ready_np = self._ready.numpy()
+        self.layers = []  # per layer: graph A, graph B, the bound cold FFN, the event after A
+        x, pending = self.x0, None
+        for i, (block, ffn) in enumerate(zip(model.attention_layers[:self.n_gpu_layers],
+                                             model.ffns[:self.n_gpu_layers])):
             graph_a, (x, flat, active, host_in) = self._capture(self._attention_part, block, ffn, x, pending)
             graph_b, y_hot = None, None
             if ffn.hot is not None:
@@ -68,8 +78,8 @@ class DecodeSegments:
             if host_in is not None:
                 staged = torch.zeros(flat.shape, dtype=torch.float32, pin_memory=True)
                 cold = ffn.bind_cold(*host_in, staged)
-            self.layers.append((graph_a, graph_b, cold))
-            pending = (y_hot, staged)
+            self.layers.append((graph_a, graph_b, cold, torch.cuda.Event()))
+            pending = (y_hot, staged, self._ready[i])
         self.final, self.out = self._capture(self._final_part, x, pending)
 
     def _capture(self, fn, *args):
@@ -79,10 +89,13 @@ class DecodeSegments:
         return graph, out
 
     def _outputs(self, pending) -> tuple:
-        """The previous layer's FFN outputs: its hot part on the GPU and its CPU part in pinned memory."""
+        """The previous layer's FFN outputs: its hot part on the GPU and its CPU part in pinned memory (once
+        the host has flagged it ready)."""
         if pending is None:
             return ()
-        y_hot, staged = pending
+        y_hot, staged, ready = pending
+        if staged is not None:
+            wait_for_host_flag(ready, self.model.plan.hot_device)
         return tuple(y for y in (y_hot, staged) if y is not None)  # staged: read in place by the kernel
 
     def _attention_part(self, block, ffn, x, pending):
@@ -114,14 +127,38 @@ class DecodeSegments:
             x = x + y.to(x.device, x.dtype, non_blocking=True).view_as(x)
         return x
 
-    @torch.inference_mode()
-    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        """Logits [1, 1, V] of `token` at `position` (written into the cache); a fresh tensor."""
-        model, t = self.model, self.model.timer
-        self.tokens.copy_(token.view(1, 1))
-        self.position.fill_(position)
-        self.x0.copy_(model.embed_tokens(self.tokens).to(self.x0.device, self.x0.dtype))
-        for graph_a, graph_b, cold in self.layers:
+    def _queue(self, i: int) -> None:
+        """Launch layer i's graphs (i == the number of layers: the last graph)."""
+        if i == len(self.layers):
+            self.final.replay()
+            return
+        graph_a, graph_b, _, after_a = self.layers[i]
+        graph_a.replay()
+        after_a.record()
+        if graph_b is not None:
+            graph_b.replay()
+
+    def _run_layers(self) -> None:
+        """Every layer's graphs queued one layer ahead of the CPU (see the module docstring)."""
+        try:
+            self._queue(0)
+            for i, (_, _, cold, after_a) in enumerate(self.layers):
+                self._queue(i + 1)  # its first kernel waits for this layer's CPU part
+                if cold is not None:
+                    after_a.synchronize()
+                    cold()
+                    self._ready_np[i] = 1
+        except BaseException:
+            self._ready_np[:] = 1  # release the queued waits, so the stream drains
+            torch.cuda.current_stream().synchronize()
+            self._ready_np[:] = 0  # those never queued
+            raise
+
+    def _run_layers_in_turn(self, t) -> None:
+        """One layer at a time, each flag set before the graph that waits for it is launched: for `bench`'s
+        time split (its stream marks can tell the stream's wait for the CPU from GPU work only outside a
+        graph), and to measure what queueing ahead gains (`queue_ahead`)."""
+        for i, (graph_a, graph_b, cold, after_a) in enumerate(self.layers):
             graph_a.replay()
             if cold is None:  # every row of this layer on the GPU
                 if graph_b is not None:
@@ -129,19 +166,32 @@ class DecodeSegments:
                 continue
             if t is not None:
                 t.mark("gpu")
-            self._done.record()
+            after_a.record()
             if graph_b is not None:
                 graph_b.replay()  # runs on the GPU while the CPU computes its part
                 if t is not None:
                     t.mark("gpu")
-            self._done.synchronize()
+            after_a.synchronize()
             with _cpu_time(t):
                 cold()
+            self._ready_np[i] = 1
             if t is not None:
                 t.mark("idle")  # the stream waited for the CPU's part
         self.final.replay()
         if t is not None:
             t.mark("gpu")
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits [1, 1, V] of `token` at `position` (written into the cache); a fresh tensor."""
+        model, t = self.model, self.model.timer
+        self.tokens.copy_(token.view(1, 1))
+        self.position.fill_(position)
+        self.x0.copy_(model.embed_tokens(self.tokens).to(self.x0.device, self.x0.dtype))
+        if t is None and self.queue_ahead:
+            self._run_layers()
+        else:
+            self._run_layers_in_turn(t)
         if self._logits_in_graph:
             return self.out.clone()  # the graph's output buffer is overwritten by the next replay
         x = self.out
