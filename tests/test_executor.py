@@ -213,6 +213,11 @@ def test_cpu_rows_keep_gate_and_up_in_one_allocation():
     want = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
     torch.testing.assert_close(_gate_up(x, gate, up, ("silu", 0.0)), want)
     torch.testing.assert_close(_gate_up(x, gate.clone(), up.clone(), ("silu", 0.0)), want)
+    # adjacent in memory but two allocations (as the CUDA caching allocator may place the GPU rows): two products
+    both = torch.cat([gate, up]).numpy()
+    gate_alone, up_alone = torch.from_numpy(both[:n_ff - 70]), torch.from_numpy(both[n_ff - 70:])
+    assert up_alone.data_ptr() == gate_alone.data_ptr() + gate_alone.numel() * gate_alone.element_size()
+    torch.testing.assert_close(_gate_up(x, gate_alone, up_alone, ("silu", 0.0)), want)
 
 
 def _eager_and_segments(make_run, ids):

@@ -371,6 +371,7 @@ def _gate_up(x, gate, up, act):
     are the two halves of one allocation (CPU rows: `SplitFFN._rows`)."""
     n = gate.shape[0]
     if (gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()
+            and up.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr()  # not just adjacent
             and up.data_ptr() == gate.data_ptr() + gate.numel() * gate.element_size()):
         gate_out, up_out = kernels.linear(x, torch.as_strided(gate, (2 * n, gate.shape[1]), gate.stride())).split(n, -1)
     else:
