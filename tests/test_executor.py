@@ -369,8 +369,8 @@ def test_bfloat16_cpu_rows_equal_dense_with_those_rows_rounded(relu_model, mode,
 
 
 def test_offload_with_bfloat16_cpu_rows_equals_dense_with_them_rounded(relu_model):
-    """offload's CPU layers are dense: their bfloat16 FFN rows go through the GEMV and the all-rows AXPY
-    (prefill: a widened copy). (Their attention matrices turn bfloat16 only off the hot device: CUDA test.)"""
+    """offload's CPU layers are dense: their bfloat16 FFN matrices go through the GEMV, down in the model's
+    layout (prefill: a widened copy). (Their attention matrices turn bfloat16 only off the hot device: CUDA test.)"""
     ids = torch.randint(0, 256, (15,)).tolist()
     dense = load_model(relu_model)
     with torch.no_grad():

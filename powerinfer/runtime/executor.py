@@ -123,9 +123,12 @@ class SplitFFN(nn.Module):
         self.threshold = threshold  # FATReLU gate threshold (relu/drelu), 0: plain
         self._act = (activation, threshold)  # as ffn_activation takes them
         self.hot_device, self.counts = plan.hot_device, counts
-        gate, up, down_t = gate_up[:n_ff], gate_up[n_ff:], down.T
-        self.hot = self._rows(gate, up, down_t, 0, self.n_hot, plan.hot_device, plan.hot_dtype)
-        self.cold = self._rows(gate, up, down_t, self.n_hot, n_ff, CPU, plan.cold_dtype)
+        # the sparse operators read down transposed (a neuron's weights in one row); a dense FFN keeps the model's
+        # [d, n_ff] layout for the GEMV, which beats the all-rows AXPY on the CPU (SmolLM2's 576-wide rows on the
+        # 2-core VM: 5.4 vs 8.0 ms per token; LLaMA-2-7B/13B shapes, 16-thread H100 host: ~10%)
+        gate, up, dense = gate_up[:n_ff], gate_up[n_ff:], layer.strategy == "dense"
+        self.hot = self._rows(gate, up, down, 0, self.n_hot, plan.hot_device, plan.hot_dtype, dense)
+        self.cold = self._rows(gate, up, down, self.n_hot, n_ff, CPU, plan.cold_dtype, dense)
         self.predictor, self._cold_ffn = None, None
         if layer.strategy == "predictor" and self.cold is not None:
             self._cold_ffn = kernels.bind_masked_ffn(*self.cold, activation, threshold=threshold)
@@ -144,9 +147,12 @@ class SplitFFN(nn.Module):
         self._pinned: dict[str, torch.Tensor] = {}
 
     @staticmethod
-    def _rows(gate, up, down_t, start, stop, device, dtype):
+    def _rows(gate, up, down, start, stop, device, dtype, dense: bool):
+        """Neurons [start, stop) on `device`: their gate and up rows, and their down weights as rows of down.T
+        ([stop - start, d]) or, for a dense FFN, as the model's [d, stop - start] columns."""
         if stop <= start:
             return None
+        down = down[:, start:stop] if dense else down.T[start:stop]
         if device.type == "cpu":
             # gate and up rows in one allocation, gate first: where both are needed densely they are one GEMV
             # (`_gate_up`; two calls over the halves took 10.9 instead of 7.6 ms per SmolLM2 token on the 2-core
@@ -154,9 +160,9 @@ class SplitFFN(nn.Module):
             # rows: huge pages spare a TLB miss per row (host_memory).
             n = stop - start
             gate_up = huge_page_copy(torch.cat([gate[start:stop], up[start:stop]]), dtype)
-            return [gate_up[:n], gate_up[n:], huge_page_copy(down_t[start:stop], dtype)]
+            return [gate_up[:n], gate_up[n:], huge_page_copy(down.contiguous(), dtype)]
         # contiguous on the host first: a strided copy on the GPU would briefly hold the rows twice
-        return [t[start:stop].contiguous().to(device=device, dtype=dtype) for t in (gate, up, down_t)]
+        return [t.contiguous().to(device=device, dtype=dtype) for t in (gate[start:stop], up[start:stop], down)]
 
     def _bind_cpu_decode(self):
         """One token through a layer whose rows are all in CPU memory, over fixed buffers: the predictor and
@@ -281,11 +287,11 @@ class SplitFFN(nn.Module):
 
     def hot_forward(self, flat, active):
         """The hot rows' output on the hot device (launches only: no synchronisation)."""
-        gate, up, down_t = self.hot
-        x = flat.to(device=self.hot_device, dtype=gate.dtype)
+        x = flat.to(device=self.hot_device, dtype=self.hot[0].dtype)
         strategy = self.layer.strategy
         if strategy == "dense":
-            return _dense_rows(x, gate, up, down_t, self._act, None)
+            return _dense_ffn(x, *self.hot, self._act)
+        gate, up, down_t = self.hot
         h = None
         if strategy == "exact-sparse-down":
             h = _gate_up(x, gate, up, self._act)
@@ -323,9 +329,9 @@ class SplitFFN(nn.Module):
 
     def _cold_forward(self, x_host, mask_host, out=None):
         """The CPU rows' output (None when none of them is active; in `out` if given, when sparse)."""
-        gate, up, down_t = self.cold
         if self.layer.strategy == "dense":
-            return _dense_rows(x_host, gate, up, down_t, self._act, None)
+            return _dense_ffn(x_host, *self.cold, self._act)
+        gate, up, down_t = self.cold
         if self.layer.strategy == "predictor":
             mask_host = mask_host.contiguous()
             k = self._cold_ffn.count(mask_host)
@@ -379,6 +385,11 @@ def _gate_up(x, gate, up, act):
     return ffn_activation(gate_out, up_out, *act)
 
 
+def _dense_ffn(x, gate, up, down, act):
+    """A dense FFN over these rows, down in the model's [d, rows] layout: GEMVs for a few tokens on the CPU."""
+    return kernels.linear(_gate_up(x, gate, up, act), down)
+
+
 def _dense_rows(x, gate, up, down_t, act, mask):
     """The FFN over every row (`act`: activation name and gate threshold); `mask` zeroes h outside a set."""
     h = _gate_up(x, gate, up, act)  # GEMV on the CPU
@@ -388,10 +399,9 @@ def _dense_rows(x, gate, up, down_t, act, mask):
 
 
 def _times(h, down_t):
-    """h @ down_t. In CPU memory, for a few tokens: the AXPY kernel over every row, each read once (2-core VM,
-    LLaMA-7B down: 5.8 ms vs 10.0 ms for torch's float32 matmul; bfloat16 rows widened in registers, where
-    a float32 copy per call made `offload` decode 2.3x slower on the H100 host); else a GEMM, bfloat16 rows
-    widened first."""
+    """h @ down_t (a masked h over every row). In CPU memory, for a few tokens: the AXPY kernel over every row,
+    each read once (2-core VM, LLaMA-7B down: 5.8 ms vs 10.0 ms for torch's float32 matmul; bfloat16 rows
+    widened in registers); else a GEMM, bfloat16 rows widened first."""
     if h.device.type == "cpu" and h.shape[0] <= GEMV_MAX_TOKENS:
         all_rows = torch.arange(down_t.shape[0], dtype=torch.int32)
         return kernels.sparse_down(h.contiguous(), down_t, all_rows)
