@@ -84,7 +84,7 @@ def main():
         report["decode_ms"] = round(1e3 * decode(gen, prompt, args.steps), 3)
         report["decode_uses_graph_segments"] = gen.use_segments
         if gen._segments is not None:  # each layer's graphs queued ahead of the CPU's part (default) or not
-            for queue_ahead in (False, True, False, True):
+            for queue_ahead in (False, True) * 4:
                 gen._segments.queue_ahead = queue_ahead
                 key = "decode_ms_queued_ahead" if queue_ahead else "decode_ms_layer_by_layer"
                 report.setdefault(key, []).append(round(1e3 * decode(gen, prompt, args.steps), 3))

@@ -100,9 +100,10 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
 
 @triton.jit
 def _wait_for_host_flag_kernel(flag_ptr):
-    ready = tl.load(flag_ptr, volatile=True)
+    # .cv: a cached copy of a host-memory line is stale, fetch it again
+    ready = tl.load(flag_ptr, volatile=True, cache_modifier=".cv")
     while ready == 0:
-        ready = tl.load(flag_ptr, volatile=True)
+        ready = tl.load(flag_ptr, volatile=True, cache_modifier=".cv")
     tl.store(flag_ptr, 0)  # re-armed for the next wait
 
 

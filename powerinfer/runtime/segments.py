@@ -62,9 +62,10 @@ class DecodeSegments:
         self._pool = torch.cuda.graph_pool_handle()
         self._rope = None
         self.n_gpu_layers = sum(layer.attention_device == hot for layer in plan.layers)
-        # one flag per layer, set by the host when the layer's CPU part is in its pinned buffer
-        self._ready = torch.zeros((self.n_gpu_layers, 1), dtype=torch.int32, pin_memory=True)
-        self._ready_np = self._ready.numpy()
+        # one flag per layer, set by the host when the layer's CPU part is in its pinned buffer; each on its own
+        # 128-byte line, so the GPU's polling of one never touches the line the host writes next
+        self._ready = torch.zeros((self.n_gpu_layers, 32), dtype=torch.int32, pin_memory=True)
+        self._ready_np = self._ready[:, 0].numpy()
         self.layers = []  # per layer: graph A, graph B, the bound cold FFN, the event after A
         x, pending = self.x0, None
         for i, (block, ffn) in enumerate(zip(model.attention_layers[:self.n_gpu_layers],
@@ -79,7 +80,7 @@ class DecodeSegments:
                 staged = torch.zeros(flat.shape, dtype=torch.float32, pin_memory=True)
                 cold = ffn.bind_cold(*host_in, staged)
             self.layers.append((graph_a, graph_b, cold, torch.cuda.Event()))
-            pending = (y_hot, staged, self._ready[i])
+            pending = (y_hot, staged, self._ready[i, :1])
         self.final, self.out = self._capture(self._final_part, x, pending)
 
     def _capture(self, fn, *args):
