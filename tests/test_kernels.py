@@ -555,6 +555,30 @@ def test_lowrank_mask_numba_matches_reference(d, rank, n_ff, n_tokens):
         x.mul_(-1)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n_tokens", [1, 3, 9])
+def test_lowrank_mask_triton_matches_reference_float16(n_tokens):
+    """The predictor's decision on CUDA: Triton for decode-sized inputs (fp16 rounding as the reference's
+    products), the reference beyond; both agree away from the threshold."""
+    from powerinfer.kernels.lowrank import lowrank_mask, lowrank_mask_reference
+    from powerinfer.models.predictor import ActivationPredictor
+
+    torch.manual_seed(n_tokens)
+    predictor = ActivationPredictor(4099, 17, 11007).cuda().half()
+    predictor.threshold.fill_(0.3)
+    x = torch.randn(n_tokens, 4099, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        weights = predictor.fc1.weight, predictor.fc2.weight, predictor.fc2.bias
+        want = lowrank_mask_reference(x, *weights, predictor.threshold)
+        logits = predictor(x).float()
+        got = lowrank_mask(x, *weights, predictor.threshold, use_kernel=n_tokens <= 4 or None)
+        clear = (logits - 0.3).abs() > 1e-2
+        assert clear.float().mean() > 0.99
+        assert got.dtype == torch.bool and torch.equal(got[clear], want[clear])
+        assert torch.equal(predictor.predict(x), got)
+
+
 @needs_numba
 def test_lowrank_mask_rejects_mismatched_buffers():
     from powerinfer.kernels.lowrank import bind_lowrank_mask

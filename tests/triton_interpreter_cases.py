@@ -134,3 +134,20 @@ def test_wait_for_host_flag():
     flag = torch.ones(1, dtype=torch.int32)
     triton_fused.wait_for_host_flag(flag)
     assert int(flag[0]) == 0
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_lowrank_mask(n_tokens):
+    from powerinfer.kernels.lowrank import lowrank_mask_reference
+
+    g = torch.Generator().manual_seed(n_tokens)
+    rank = 5
+    w1, w2 = torch.randn(rank, D, generator=g) / math.sqrt(D), torch.randn(N_FF, rank, generator=g)
+    b2, x = torch.randn(N_FF, generator=g), torch.randn(n_tokens, D, generator=g)
+    logits = torch.relu(x @ w1.T) @ w2.T + b2
+    for threshold in (0.0, 0.7):
+        want = lowrank_mask_reference(x, w1, w2, b2, threshold)
+        got = triton_gpu.lowrank_mask(x, w1, w2, b2, torch.tensor(threshold))
+        clear = (logits - threshold).abs() > 1e-4  # summation order may flip a logit at the threshold
+        assert clear.float().mean() > 0.98
+        assert got.dtype == torch.bool and torch.equal(got[clear], want[clear])

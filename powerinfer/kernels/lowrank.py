@@ -1,16 +1,20 @@
 """The low-rank activation predictor's decision, `relu(x @ w1.T) @ w2.T + b > threshold` (PowerInfer §5.1; Deja
 Vu, arXiv 2310.17157), as a mask with its logits never stored.
 
-As every kernel here: a plain-PyTorch reference, a fast kernel and a dispatcher. The fast kernel (numba
-`cpu.LowRankMask`) pays off only over fixed weights and buffers, as a decode loop calls it, once per layer and
-step: bound, 5 us for the tiny ReLU model's predictor on one thread of the 2-core VM, where the reference's
-three torch calls and comparison take 9 and an unbound numba call 10 (most of it converting arguments). So
-the dispatcher is `bind_lowrank_mask` (numba for float32 CPU weights, else the reference; on CUDA the
-reference's products are cuBLAS GEMVs inside the decode step's CUDA graph).
+As every kernel here: a plain-PyTorch reference, fast kernels and dispatchers. On the CPU the numba kernel
+(`cpu.LowRankMask`) pays off only over fixed weights and buffers, as a decode loop calls it, once per layer
+and step: bound, 5 us for the tiny ReLU model's predictor on one thread of the 2-core VM, where the
+reference's three torch calls and comparison take 9 and an unbound numba call 10 (most of it converting
+arguments); that is `bind_lowrank_mask` (numba for float32 CPU weights, else the reference). On CUDA, for a
+decode step's few tokens, two Triton kernels (`triton_gpu.lowrank_mask`) replace the reference's four or five
+(two cuBLAS products, ReLU, comparison): `lowrank_mask`, which the predictor's `predict` calls.
 """
 
 import torch
 import torch.nn.functional as F
+
+from powerinfer.kernels.dense import GEMV_MAX_TOKENS
+from powerinfer.kernels.sparse_ffn import _triton, _triton_available
 
 try:
     from powerinfer.kernels import cpu as _cpu_kernels
@@ -28,11 +32,20 @@ def _use_kernel(*weights: torch.Tensor) -> bool:
     return _cpu_kernels is not None and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
 
 
+def _use_triton(x: torch.Tensor) -> bool:
+    # decode-sized inputs only: for many tokens the reference's GEMMs are the better kernels
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS and not torch.is_grad_enabled()
+            and _triton_available())
+
+
 def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                  threshold: float | torch.Tensor, *, use_kernel: bool | None = None) -> torch.Tensor:
-    """One unbound call (tests, one-offs): the numba kernel for float32 CPU operands unless `use_kernel` is
-    False, else the reference."""
-    if use_kernel is not False and _use_kernel(x, w1, w2, b2):
+    """One unbound call: on CUDA, the Triton kernels for a few tokens of x [T, d] (threshold: a tensor on x's
+    device); on the CPU the numba kernel for float32 operands only when `use_kernel` is True (tests; unbound it
+    is no faster than the reference); else the reference."""
+    if use_kernel is not False and isinstance(threshold, torch.Tensor) and _use_triton(x):
+        return _triton().lowrank_mask(x, w1, w2, b2, threshold)
+    if use_kernel and _use_kernel(x, w1, w2, b2):
         return _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold))(x.contiguous())
     if use_kernel:
         raise RuntimeError(f"no fast low-rank mask kernel for {x.device.type} {x.dtype} inputs")

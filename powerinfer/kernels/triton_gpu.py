@@ -244,6 +244,59 @@ def _int4_gemv_kernel(x_ptr, packed_ptr, scales_ptr, out_ptr, n_rows, n_groups, 
     tl.store(out_ptr + token * stride_out + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit
+def _lowrank_hidden_kernel(x_ptr, w1_ptr, hidden_ptr, d, rank, BLOCK_D: tl.constexpr):
+    """hidden[t, j] = relu(x[t] . w1[j]), rounded to x's dtype as the reference's product is."""
+    j, token = tl.program_id(0), tl.program_id(1)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, d, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        inside = cols < d
+        x = tl.load(x_ptr + token * d + cols, mask=inside, other=0.0).to(tl.float32)
+        acc += x * tl.load(w1_ptr + j * d + cols, mask=inside, other=0.0).to(tl.float32)
+    hidden = tl.maximum(tl.sum(acc, axis=0).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    tl.store(hidden_ptr + token * rank + j, hidden)
+
+
+@triton.jit
+def _lowrank_decide_kernel(hidden_ptr, w2_ptr, b2_ptr, threshold_ptr, mask_ptr, n, rank,
+                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """mask[t, i] = w2[i] . hidden[t] + b2[i] > threshold, the logit rounded to w2's dtype first."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    token = tl.program_id(1)
+    ranks = tl.arange(0, BLOCK_R)
+    row_ok, rank_ok = rows < n, ranks < rank
+    hidden = tl.load(hidden_ptr + token * rank + ranks, mask=rank_ok, other=0.0)
+    w = tl.load(w2_ptr + rows[:, None] * rank + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    logits = tl.sum(w.to(tl.float32) * hidden[None, :], axis=1)
+    logits = (logits + tl.load(b2_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)).to(w2_ptr.dtype.element_ty)
+    threshold = tl.load(threshold_ptr).to(tl.float32)
+    tl.store(mask_ptr + token * n + rows, logits.to(tl.float32) > threshold, mask=row_ok)
+
+
+_LOWRANK_BLOCK_D = 1024
+_LOWRANK_BLOCK_N = 128
+
+
+def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, threshold: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [T, n]: relu(x @ w1.T) @ w2.T + b2 > threshold (a device tensor: no synchronisation), in two
+    kernels: the rank-r hidden vector, then the decision per output row."""
+    x, w1, w2 = _row_major(x), _row_major(w1), _row_major(w2)
+    n_tokens, d = x.shape
+    rank, n = w1.shape[0], w2.shape[0]
+    mask = torch.empty((n_tokens, n), dtype=torch.bool, device=x.device) if out is None else out
+    if n_tokens == 0:
+        return mask
+    hidden = torch.empty((n_tokens, rank), dtype=torch.float32, device=x.device)
+    _lowrank_hidden_kernel[(rank, n_tokens)](x, w1, hidden, d, rank,
+                                             BLOCK_D=min(_LOWRANK_BLOCK_D, triton.next_power_of_2(d)), num_warps=4)
+    _lowrank_decide_kernel[(triton.cdiv(n, _LOWRANK_BLOCK_N), n_tokens)](
+        hidden, w2, b2, threshold, mask, n, rank, BLOCK_N=_LOWRANK_BLOCK_N,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4)
+    return mask
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from powerinfer.kernels.lowrank import bind_lowrank_mask
+from powerinfer.kernels.lowrank import bind_lowrank_mask, lowrank_mask
 from powerinfer.kernels.quantized import int4_gemv, quantize_int4
 
 
@@ -44,8 +44,8 @@ class ActivationPredictor(nn.Module):
         return F.linear(torch.relu(F.linear(x, self.fc1.weight)), self.fc2.weight, self.fc2.bias)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Boolean mask [..., n_ff] of neurons predicted active."""
-        return self.forward(x) > self.threshold
+        """Boolean mask [..., n_ff] of neurons predicted active (kernels.lowrank: two kernels on CUDA)."""
+        return lowrank_mask(x, self.fc1.weight, self.fc2.weight, self.fc2.bias, self.threshold)
 
     def bind(self, x: torch.Tensor, mask: torch.Tensor):
         """A call without arguments that writes `predict` of what x [T, d] holds then into mask [T, n_ff]
