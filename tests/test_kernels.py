@@ -573,8 +573,8 @@ def test_lowrank_mask_triton_matches_reference_float16(n_tokens):
         want = lowrank_mask_reference(x, *weights, predictor.threshold)
         logits = predictor(x).float()
         got = lowrank_mask(x, *weights, predictor.threshold, use_kernel=n_tokens <= 4 or None)
-        clear = (logits - 0.3).abs() > 1e-2
-        assert clear.float().mean() > 0.99
+        clear = (logits - 0.3).abs() > 4e-3  # a few fp16 steps: summation order may flip a logit there
+        assert clear.float().mean() > 0.9
         assert got.dtype == torch.bool and torch.equal(got[clear], want[clear])
         assert torch.equal(predictor.predict(x), got)
 
