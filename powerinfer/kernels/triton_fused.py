@@ -3,8 +3,9 @@ wait for a flag the host sets.
 
 Pinned host tensors (a delta, the norm's float32 copy, the flag) are read and written in place through their
 device-mapped addresses; host deltas are read with volatile loads, past any cached copy, since the host may
-have written them after the kernel was queued (``wait_for_host_flag``). One program per row (token) for the norm, one per (token, head) for the rotation; every launch shape
-depends on the tensor shapes alone, so both run inside the CUDA graphs of a decode step. Arithmetic is
+have written them after the kernel was queued (``wait_for_host_flag``). One program per row (token) for the
+norm, one per (token, head) for the rotation; every launch shape depends on the tensor shapes alone, so
+both run inside the CUDA graphs of a decode step. Arithmetic is
 float32 and rounds where the references round: the sum to x's dtype before it is normed, the normed row to
 x's dtype before the weight multiplies it.
 """
