@@ -12,11 +12,12 @@ token's 70 ms, scripts/profile_hybrid.py). So the step is cut where the CPU work
 The host queues A and B of a layer before the CPU has finished its part of the layer before: A's first
 kernel waits for a flag the host sets in pinned memory when that part is done (kernels.fused
 `wait_for_host_flag`), so the GPU starts the next layer the moment the CPU's output is ready, and the
-host's graph launches run while the GPU is busy, off the path of the step. Per layer the host then waits
-for an event after A (the cold FFN's input and mask), computes the cold FFN into the layer's pinned output
-buffer, sets the layer's flag and queues the layer after next; A of the next layer reads that buffer in its
-first kernel. (Zero-copy instead of copy nodes: an H100 graph replays a 16 KB host-to-device copy and an add
-in 11.2 us, one kernel reading pinned memory in 5.3 us.) A last graph adds
+host's graph launches run while the GPU is busy (alternated in one process on an H100 host: a synthetic 7B
+token 6.3-6.9 ms against 6.6-7.5 launching layer by layer; hybrid_queue_ahead_h100.json). Per layer the host
+queues the next layer's graphs, waits for an event after this layer's A (the cold FFN's input and mask),
+computes the cold FFN into the layer's pinned output buffer and sets the layer's flag; the next layer's A
+reads that buffer in its first kernel. (Zero-copy instead of copy nodes: an H100 graph replays a 16 KB
+host-to-device copy and an add in 11.2 us, one kernel reading pinned memory in 5.3 us.) A last graph adds
 the last layer's outputs (and runs norm and lm_head).
 Layers whose attention stays in CPU memory (offload's CPU layers, after its GPU layers) then run eagerly.
 Without graphs, offload's 20 GPU layers of a synthetic 7B took 16 ms per token on an H100 host (bench),
