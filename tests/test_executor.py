@@ -235,6 +235,10 @@ def _eager_and_segments(make_run, ids):
     return results
 
 
+def _split_placement():
+    return {"layers": [{"n_gpu_neurons": n, "attention_on_gpu": True} for n in (0, 60, 203)]}
+
+
 def _hybrid_on_cuda(relu_model, placement):
     loaded = load_model(relu_model)
     return build_executor(loaded, "hybrid", "cuda", _oracles(loaded), placement, hot_dtype=torch.float32)
@@ -252,10 +256,6 @@ def test_hybrid_graph_segments_equal_eager_decode(relu_model, ends_on_gpu):
         lambda: _hybrid_on_cuda(relu_model, placement), ids)
     torch.testing.assert_close(segments, eager, atol=1e-4, rtol=1e-4)
     assert segment_shares == pytest.approx(eager_shares)
-
-
-def _split_placement():
-    return {"layers": [{"n_gpu_neurons": n, "attention_on_gpu": True} for n in (0, 60, 203)]}
 
 
 @cuda
