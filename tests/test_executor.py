@@ -298,6 +298,19 @@ def test_graph_segments_timed_and_failed_steps(relu_model):
 
 @cuda
 @pytest.mark.cuda
+def test_graph_segments_without_the_wait_kernel_equal_eager_decode(relu_model, monkeypatch):
+    """Where the wait kernel cannot be built (no Triton), the segments capture no waits and launch each layer's
+    graphs after the CPU part before them: the same logits as the eager step."""
+    from powerinfer.runtime import segments
+
+    monkeypatch.setattr(segments, "_triton_available", lambda: False)
+    ids = torch.randint(0, 256, (12,)).tolist()
+    (eager, _), (graphs, _) = _eager_and_segments(lambda: _hybrid_on_cuda(relu_model, _split_placement()), ids)
+    torch.testing.assert_close(graphs, eager, atol=1e-4, rtol=1e-4)
+
+
+@cuda
+@pytest.mark.cuda
 def test_wait_for_host_flag_holds_the_stream_until_the_host_sets_it():
     import time
 
@@ -324,6 +337,16 @@ def test_wait_for_host_flag_reference_and_checks():
     assert int(flag[0]) == 0
     with pytest.raises(ValueError, match="int32"):
         wait_for_host_flag(torch.ones(1), torch.device("cpu"))
+
+
+def test_wait_for_host_flag_on_cuda_needs_triton(monkeypatch):
+    """Without Triton a CUDA stream cannot wait on the host: an error, not the reference blocking the host (in
+    a CUDA-graph capture it would spin forever); the segments then launch layer by layer."""
+    from powerinfer.kernels import fused
+
+    monkeypatch.setattr(fused, "_triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="Triton"):
+        fused.wait_for_host_flag(torch.zeros(1, dtype=torch.int32), torch.device("cuda"))
 
 
 @cuda

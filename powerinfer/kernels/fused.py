@@ -130,9 +130,10 @@ def wait_for_host_flag(flag: torch.Tensor, device: torch.device) -> None:
     the caller must set it (or release it when a step fails). On the CPU, the reference (the host waits)."""
     if flag.dtype != torch.int32 or flag.numel() != 1 or flag.is_cuda:
         raise ValueError("flag must be a one-element int32 host tensor")
-    if device.type == "cuda" and _triton_available() and not torch.is_grad_enabled():
-        if not flag.is_pinned():
-            raise ValueError("a CUDA stream can wait only on a flag in pinned memory")
-        _triton().wait_for_host_flag(flag)
-    else:
-        wait_for_host_flag_reference(flag)
+    if device.type != "cuda":
+        return wait_for_host_flag_reference(flag)
+    if not _triton_available():  # the reference would block the host, not the stream
+        raise RuntimeError("a CUDA stream can wait on a host flag only with Triton installed")
+    if not flag.is_pinned():
+        raise ValueError("a CUDA stream can wait only on a flag in pinned memory")
+    _triton().wait_for_host_flag(flag)

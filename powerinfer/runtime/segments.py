@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from powerinfer.kernels.fused import wait_for_host_flag
+from powerinfer.kernels.sparse_ffn import _triton_available
 from powerinfer.runtime.executor import HybridTransformer, _cpu_time
 
 
@@ -62,6 +63,8 @@ class DecodeSegments:
         self.x0 = torch.zeros((1, 1, d), dtype=dtype, device=hot)
         self._pool = torch.cuda.graph_pool_handle()
         self._rope = None
+        # without Triton there is no wait kernel: each layer's graphs launch after the CPU part before them
+        self._waits_in_graphs = _triton_available()
         self.n_gpu_layers = sum(layer.attention_device == hot for layer in plan.layers)
         # one flag per layer, set by the host when the layer's CPU part is in its pinned buffer; each on its own
         # 128-byte line, so the GPU's polling of one never touches the line the host writes next
@@ -96,7 +99,7 @@ class DecodeSegments:
         if pending is None:
             return ()
         y_hot, staged, ready = pending
-        if staged is not None:
+        if staged is not None and self._waits_in_graphs:
             wait_for_host_flag(ready, self.model.plan.hot_device)
         return tuple(y for y in (y_hot, staged) if y is not None)  # staged: read in place by the kernel
 
@@ -190,7 +193,7 @@ class DecodeSegments:
         self.tokens.copy_(token.view(1, 1))
         self.position.fill_(position)
         self.x0.copy_(model.embed_tokens(self.tokens).to(self.x0.device, self.x0.dtype))
-        if t is None and self.queue_ahead:
+        if t is None and self.queue_ahead and self._waits_in_graphs:
             self._run_layers()
         else:
             self._run_layers_in_turn(t)
