@@ -25,7 +25,7 @@ def load(model=None, device: str = "cpu", dtype=None, context: int | None = None
     mode: hybrid | gpu | cpu | dense | offload (default: the artifact's natural mode, else dense).
     vram_budget: GiB of GPU memory for hybrid (re-plans the artifact's placement) and offload.
     cpu_dtype: "float32" | "bfloat16", of the weight matrices in CPU memory (default: bfloat16 when a GPU holds
-    the rest, else float32).
+    the rest, else float32; dense on the CPU: its linear layers' weights, activations stay float32).
     """
     if mode is not None and mode not in MODES:
         raise PowerInferError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
@@ -38,7 +38,10 @@ def load(model=None, device: str = "cpu", dtype=None, context: int | None = None
     if mode is None:
         mode = ("hybrid" if device == "cuda" else "cpu") if artifact else "dense"
     if mode == "dense":
-        return Generator(load_model(model, device=device, dtype=dtype), context, cuda_graphs)
+        loaded = load_model(model, device=device, dtype=dtype)
+        if device == "cpu" and cpu_dtype is not None:  # on a GPU, dense keeps no weights in CPU memory
+            loaded = build_executor(loaded, "dense", "cpu", cold_dtype=DTYPES[cpu_dtype])
+        return Generator(loaded, context, cuda_graphs)
     if mode != "offload" and not artifact:
         raise PowerInferError(f"--mode {mode} runs an artifact; build one with "
                               f"`powerinfer build --model {model or '<default>'} --vram-budget GiB -o DIR`")

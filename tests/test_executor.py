@@ -426,6 +426,33 @@ def test_cuda_offload_with_bfloat16_cpu_layers_equals_dense_with_them_rounded(re
     torch.testing.assert_close(_logits(run, ids).cpu(), _logits(dense, ids), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_dense_cpu_with_bfloat16_linear_weights_equals_dense_with_them_rounded(tmp_path, tied):
+    """`--cpu-dtype bfloat16` on a dense CPU model: its linear layers' weights in bfloat16 (the GEMV widens them;
+    a prefill widens a copy), activations and the embedding table float32, a tied LM head untied: the float32
+    model with those weights rounded."""
+    import powerinfer
+
+    args = ModelArgs(hidden_size=64, intermediate_size=203, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=260, max_position_embeddings=64, tie_word_embeddings=tied,
+                     bos_token_id=256, eos_token_id=257)
+    torch.manual_seed(1)
+    model = Transformer(args)
+    path = write_hf_model(tmp_path / "m", args.to_config(), to_hf_weights(model.state_dict(), args))
+    ids = torch.randint(0, 256, (15,)).tolist()
+    rounded = load_model(path)
+    with torch.no_grad():
+        for module in rounded.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(module.weight.to(torch.bfloat16).float(), requires_grad=False)
+    gen = powerinfer.load(str(path), cpu_dtype="bfloat16", context=64)
+    model = gen.loaded.model
+    assert model.layers[0].mlp.down_proj.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
+    assert model.embed_tokens.weight.dtype == torch.float32
+    torch.testing.assert_close(_logits(gen.loaded, ids), _logits(rounded, ids), atol=2e-5, rtol=1e-5)
+    assert not torch.equal(_logits(gen.loaded, ids), _logits(load_model(path), ids))  # the rounding shows
+
+
 @pytest.mark.parametrize("mode,n_hot", [("cpu", None), ("hybrid", [101, 7, 1])])
 def test_fatrelu_threshold_runs_the_same_in_the_sparse_modes(relu_model, mode, n_hot):
     """A model with a FATReLU gate threshold (config relu_threshold): the sparse executor with an oracle active

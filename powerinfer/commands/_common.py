@@ -47,8 +47,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_cpu_dtype_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="dtype of the weight matrices kept in CPU memory by hybrid/cpu/offload (default: bfloat16 when the GPU "
-                        "holds the rest, else float32; bfloat16 halves the bytes the CPU streams per token)")
+                   help="dtype of the weight matrices kept in CPU memory by hybrid/cpu/offload, and of a dense model's "
+                        "linear layers on the CPU (default: bfloat16 when the GPU holds the rest, else float32; bfloat16 "
+                        "halves the bytes the CPU streams per token)")
 
 
 def add_predictor_arguments(p: argparse.ArgumentParser) -> None:

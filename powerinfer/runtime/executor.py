@@ -544,6 +544,15 @@ def offload_layers_for_budget(args, budget_bytes: int, context: int, dtype_bytes
     return layers
 
 
+def _linear_weights_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """The weight matrices of the model's linear layers in `dtype`, activations unchanged: on the CPU, bfloat16
+    halves the bytes a decode step streams (the GEMV widens each element; SmolLM2 on the 2-core VM: 32.8 ->
+    48.5 tok/s). Each gets its own parameter, so a tied LM head leaves the embedding table as it was."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+
+
 def build_executor(loaded, mode: str, hot_device="cuda", predictors: list | None = None,
                    placement: dict | None = None, offload_layers: int | None = None, hot_dtype=None,
                    strategy: str = "predictor", layer_params: list[dict] | None = None, cold_dtype=None):
@@ -551,13 +560,16 @@ def build_executor(loaded, mode: str, hot_device="cuda", predictors: list | None
 
     cold_dtype: of the weight matrices in CPU memory; None: bfloat16 when a GPU holds the rest (the hot device is
     a GPU and the mode is not `cpu`: 16-bit weights already, half the bytes for the CPU to stream), else
-    float32."""
+    float32. In `dense` mode on the CPU it sets the linear layers' weights (None: the model's dtype)."""
     import dataclasses
 
     if mode == "dense":
         device = torch.device(hot_device)
         dtype = hot_dtype or loaded.dtype
-        return dataclasses.replace(loaded, model=loaded.model.to(device, dtype), device=device, dtype=dtype)
+        model = loaded.model.to(device, dtype)
+        if device.type == "cpu" and cold_dtype not in (None, dtype):
+            _linear_weights_to(model, cold_dtype)
+        return dataclasses.replace(loaded, model=model, device=device, dtype=dtype)
     hot_device = torch.device(hot_device)
     hot_dtype = hot_dtype or (torch.float16 if hot_device.type == "cuda" else torch.float32)
     if cold_dtype is None:
