@@ -372,7 +372,8 @@ def test_graph_segments_with_cpu_layers_last_equal_eager_decode(relu_model, mode
 @pytest.mark.parametrize("mode,n_hot", [("cpu", None), ("hybrid", [101, 7, 1])])
 def test_bfloat16_cpu_rows_equal_dense_with_those_rows_rounded(relu_model, mode, n_hot):
     """cold_dtype=bfloat16 stores the CPU's FFN rows in bfloat16 and computes in float32: the same as the dense
-    model whose CPU rows (gate/up rows, down columns) were rounded to bfloat16."""
+    model whose CPU rows (gate/up rows, down columns) were rounded to bfloat16; in `cpu` mode the attention
+    matrices and the LM head too (all of them are in CPU memory; hybrid here emulates a GPU holding them)."""
     ids = torch.randint(0, 256, (16,)).tolist()
     dense = load_model(relu_model)
     with torch.no_grad():
@@ -382,12 +383,20 @@ def test_bfloat16_cpu_rows_equal_dense_with_those_rows_rounded(relu_model, mode,
             for rows in (gate_up[hot:n_ff], gate_up[n_ff + hot:]):
                 rows.copy_(rows.to(torch.bfloat16).float())
             down[:, hot:] = down[:, hot:].to(torch.bfloat16).float()
+            if mode == "cpu":
+                for w in (block.self_attn.qkv_proj.weight, block.self_attn.o_proj.weight):
+                    w.copy_(w.to(torch.bfloat16).float())
+        if mode == "cpu":
+            head = dense.model.lm_head  # a new parameter: a tied embedding table stays float32
+            head.weight = torch.nn.Parameter(head.weight.to(torch.bfloat16).float(), requires_grad=False)
     want = _logits(dense, ids)
     loaded = load_model(relu_model)
     placement = _placement(3, n_hot) if n_hot else None
     # the oracle reads the rounded weights: a gate near 0 may change sign when rounded
     run = build_executor(loaded, mode, "cpu", _oracles(dense), placement, cold_dtype=torch.bfloat16)
     assert all(ffn.cold is None or ffn.cold[0].dtype == torch.bfloat16 for ffn in run.model.ffns)
+    matrices = {run.model.attention_layers[0].self_attn.qkv_proj.weight.dtype, run.model.lm_head.weight.dtype}
+    assert matrices == {torch.bfloat16 if mode == "cpu" else torch.float32}
     torch.testing.assert_close(_logits(run, ids), want, atol=2e-5, rtol=1e-5)
 
 

@@ -68,8 +68,9 @@ class ExecutionPlan:
         return self.hot_dtype if device == self.hot_device else torch.float32
 
     def matrix_dtype(self, device: torch.device) -> torch.dtype:
-        """Of attention and LM-head weight matrices on `device`: off the hot device, the CPU weight dtype."""
-        return self.hot_dtype if device == self.hot_device else self.cold_dtype
+        """Of attention and LM-head weight matrices on `device`: the CPU weight dtype off the hot device, and in
+        `cpu` mode, where every matrix is in CPU memory."""
+        return self.hot_dtype if device == self.hot_device and self.mode != "cpu" else self.cold_dtype
 
 
 class NeuronCounts:
