@@ -161,7 +161,7 @@ class SplitFFN(nn.Module):
             # rows: huge pages spare a TLB miss per row (host_memory).
             n = stop - start
             gate_up = huge_page_copy(torch.cat([gate[start:stop], up[start:stop]]), dtype)
-            return [gate_up[:n], gate_up[n:], huge_page_copy(down.contiguous(), dtype)]
+            return [gate_up[:n], gate_up[n:], huge_page_copy(down, dtype)]
         # contiguous on the host first: a strided copy on the GPU would briefly hold the rows twice
         return [t.contiguous().to(device=device, dtype=dtype) for t in (gate[start:stop], up[start:stop], down)]
 
@@ -392,11 +392,10 @@ def _dense_ffn(x, gate, up, down, act):
 
 
 def _dense_rows(x, gate, up, down_t, act, mask):
-    """The FFN over every row (`act`: activation name and gate threshold); `mask` zeroes h outside a set."""
+    """The FFN over every row (`act`: activation name and gate threshold) with h zeroed outside `mask`: the
+    sparse operators' result over that active set, from dense products (where most rows are active)."""
     h = _gate_up(x, gate, up, act)  # GEMV on the CPU
-    if mask is not None:  # same result as the sparse operators over the same active set
-        h = h * mask.to(h.dtype)
-    return _times(h, down_t)
+    return _times(h * mask.to(h.dtype), down_t)
 
 
 def _times(h, down_t):
