@@ -495,7 +495,8 @@ def test_int4_quantization_round_trips_within_half_a_step():
 @pytest.mark.parametrize(("d", "group"), [(96, 32), (576, 64), (38, 2)])
 def test_int4_gemv_numba_matches_reference(d, group, n_tokens):
     g = torch.Generator().manual_seed(d + n_tokens)
-    packed, scales = quantize_int4(torch.randn(101, d, generator=g), group)
+    # unit-scale outputs: float32 sums in another order differ by ~1e-7 of their terms' size
+    packed, scales = quantize_int4(torch.randn(101, d, generator=g) / math.sqrt(d), group)
     x = torch.randn(n_tokens, d, generator=g)
     y = int4_gemv(x, packed, scales, use_kernel=True)
     torch.testing.assert_close(y, int4_gemv_reference(x, packed, scales), **F32_TOL)
