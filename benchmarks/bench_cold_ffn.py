@@ -17,6 +17,9 @@ host):
   both once more, for drift;
 - `fork_join`: an empty parallel region over the threads (the floor of any parallel call), and
   `flatnonzero`: the kernel's serial scan of the mask;
+- `gather_read`: the same three rows of every active neuron only read (summed as integers), split over the
+  threads as the kernel splits them: the memory system's rate for this access pattern, without the
+  arithmetic, the reduction or the mask scan;
 and reports each as GB/s of active-row bytes and % of the CPU streaming bandwidth measured in the same run.
 The active sets are drawn hot-first (neuron i active with probability falling as a power of i), as the
 artifact orders cold rows, or uniformly with --uniform.
@@ -52,6 +55,18 @@ Layer = namedtuple("Layer", "op bound bound_hugepages x mask out masks")
 def _fork_join(n_tasks, out):
     for task in prange(n_tasks):
         out[task] += 1.0
+
+
+@njit(parallel=True, cache=True)
+def _gather_read(w_gate, w_up, w_down_t, ids, n_tasks, out):
+    k = ids.shape[0]
+    for task in prange(n_tasks):
+        total = 0
+        for j in range(task * k // n_tasks, (task + 1) * k // n_tasks):
+            gate, up, down = w_gate[ids[j]], w_up[ids[j]], w_down_t[ids[j]]
+            for c in range(gate.shape[0]):
+                total += gate[c] + up[c] + down[c]
+        out[task] = total
 
 
 def _thp_setting() -> str | None:
@@ -141,6 +156,13 @@ def main():
         arrays = (layer.x.numpy(), *op.weights, layer.mask.numpy(), op.code, op.threshold, partial, layer.out.numpy())
         return lambda: cpu._masked_ffn_kernel(*arrays)
 
+    def gather_read(layer):
+        sums = np.zeros(args.threads, np.int64)
+
+        def run():  # the ids of the mask the preparation wrote, as the kernel's own scan finds them
+            _gather_read(*layer.op.weights, np.flatnonzero(layer.mask.numpy()), args.threads, sums)
+        return run
+
     scratch = np.zeros(args.threads)
     mask_np = layers[0].mask.numpy()
     no_prepare = (lambda: None)
@@ -153,6 +175,7 @@ def main():
         "fork_join": ([(no_prepare, lambda: _fork_join(args.threads, scratch))] * args.layers, 0.0),
         "fork_join_after_gap": ([(no_prepare, lambda: _fork_join(args.threads, scratch))] * args.layers, gap),
         "flatnonzero": ([(no_prepare, lambda: np.flatnonzero(mask_np))] * args.layers, 0.0),
+        "gather_read": (calls(gather_read), 0.0),
         "bound_hugepages": (calls(lambda layer: layer.bound_hugepages), 0.0),
         "bound_again": (calls(lambda layer: layer.bound), 0.0),  # drift check
         "bound_hugepages_again": (calls(lambda layer: layer.bound_hugepages), 0.0),
