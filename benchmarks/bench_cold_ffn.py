@@ -48,7 +48,7 @@ from powerinfer.runtime.host_memory import huge_page_copy
 
 # one layer: its operator, the calls bound to its buffers (weights as allocated, and a huge-page copy), the
 # buffers, and the active sets written into `mask` in turn
-Layer = namedtuple("Layer", "op bound bound_hugepages x mask out masks")
+Layer = namedtuple("Layer", "op bound bound_hugepages bundle x mask out masks")
 
 
 @njit(parallel=True, cache=True)
@@ -133,7 +133,9 @@ def main():
         x, mask, out = (t.pin_memory() if pin else t for t in (x, masks[0].clone(), torch.zeros(1, args.d)))
         op = cpu.MaskedFFN(*weights, "relu")
         huge = cpu.MaskedFFN(*(huge_page_copy(w) for w in weights), "relu")  # same rows, 2 MB pages
-        layers.append(Layer(op, op.bind(x, mask, out), huge.bind(x, mask, out), x, mask, out, masks))
+        # each neuron's gate, up and down rows adjacent ([3 * rows, d], 2 MB pages)
+        bundle = huge_page_copy(torch.stack(weights, dim=1).view(-1, args.d)).view(torch.int16).numpy()
+        layers.append(Layer(op, op.bind(x, mask, out), huge.bind(x, mask, out), bundle, x, mask, out, masks))
     active_bytes = args.active * layers[0].op.neuron_bytes
 
     def calls(make, rotate=True):
@@ -153,14 +155,23 @@ def main():
     def kernel(layer):
         op = layer.op
         partial = np.zeros((args.threads, 1, args.d), np.float32)
-        arrays = (layer.x.numpy(), *op.weights, layer.mask.numpy(), op.code, op.threshold, partial, layer.out.numpy())
+        arrays = (layer.x.numpy(), *op.weights, layer.mask.numpy(), 1, op.code, op.threshold, partial, layer.out.numpy())
         return lambda: cpu._masked_ffn_kernel(*arrays)
 
-    def gather_read(layer):
+    def bundled(layer):  # the kernel over the bundled rows: neuron i's rows are 3i, 3i + 1, 3i + 2
+        op, b = layer.op, layer.bundle
+        partial = np.zeros((args.threads, 1, args.d), np.float32)
+        arrays = (layer.x.numpy(), b, b[1:], b[2:], layer.mask.numpy(), 3, op.code, op.threshold, partial,
+                  layer.out.numpy())
+        return lambda: cpu._masked_ffn_kernel(*arrays)
+
+    def gather_read(layer, bundle=False):
         sums = np.zeros(args.threads, np.int64)
+        b = layer.bundle
+        weights, stride = ((b, b[1:], b[2:]), 3) if bundle else (layer.op.weights, 1)
 
         def run():  # the ids of the mask the preparation wrote, as the kernel's own scan finds them
-            _gather_read(*layer.op.weights, np.flatnonzero(layer.mask.numpy()), args.threads, sums)
+            _gather_read(*weights, np.flatnonzero(layer.mask.numpy()) * stride, args.threads, sums)
         return run
 
     scratch = np.zeros(args.threads)
@@ -176,6 +187,9 @@ def main():
         "fork_join_after_gap": ([(no_prepare, lambda: _fork_join(args.threads, scratch))] * args.layers, gap),
         "flatnonzero": ([(no_prepare, lambda: np.flatnonzero(mask_np))] * args.layers, 0.0),
         "gather_read": (calls(gather_read), 0.0),
+        "bundle_read": (calls(lambda layer: gather_read(layer, bundle=True)), 0.0),
+        "kernel_bundled": (calls(bundled), 0.0),
+        "kernel_again": (calls(kernel), 0.0),
         "bound_hugepages": (calls(lambda layer: layer.bound_hugepages), 0.0),
         "bound_again": (calls(lambda layer: layer.bound), 0.0),  # drift check
         "bound_hugepages_again": (calls(lambda layer: layer.bound_hugepages), 0.0),

@@ -487,7 +487,7 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> to
 
 
 @njit(**_JIT)
-def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, partial, out):
+def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, stride, code, threshold, partial, out):
     """`partial`: [>= tasks, T, d] scratch for the tasks' partial outputs (one task per row of it, up to the
     number of active neurons), reused across calls: allocating and zeroing it per call cost ~10% of a
     7B layer's cold FFN with 16 threads. (Software prefetch of the next neuron's rows was tried: 10-35%
@@ -495,7 +495,7 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, code, threshold, partial
     n_tokens, d = x.shape
     # The tasks split the active neurons, not the mask: cold rows are sorted hot-first, so equal slices
     # of the mask would hand the first thread several times the work of the last.
-    ids = np.flatnonzero(mask)
+    ids = np.flatnonzero(mask) * stride
     k = ids.shape[0]
     if k == 0:
         out[:] = 0
@@ -563,7 +563,7 @@ class MaskedFFN:
         if self._partial.shape[0] < tasks or self._partial.shape[1] != x.shape[0]:
             self._partial = np.zeros((numba.config.NUMBA_NUM_THREADS, *out.shape), np.float32)
         kernel = _masked_ffn_kernel_serial if tasks == 1 else _masked_ffn_kernel
-        kernel(x, *self.weights, mask, self.code, self.threshold, self._partial[:tasks], out)
+        kernel(x, *self.weights, mask, 1, self.code, self.threshold, self._partial[:tasks], out)
         return k
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None
