@@ -5,7 +5,7 @@ budget and decodes greedily. It reports the plain decode rate (with CUDA-graph s
 graphs queued ahead of the CPU, and launched layer by layer), then wraps three executor phases with
 perf_counter (host waiting for the GPU's attention + predictor + copies; the CPU's cold FFN; staging its
 output) and prints per-token milliseconds of each and of the rest (Python and kernel launches), then a
-torch.profiler table of a few steps. Without a GPU it is a dry run with the hot half on the CPU.
+torch.profiler table of a few decode steps and where the GPU time of those goes. Without a GPU it is a dry run with the hot half on the CPU.
 
     python scripts/profile_hybrid.py [--shape llama2-7b] [--vram-budget 8] [--threads 16] [--json FILE]
 """
@@ -143,12 +143,15 @@ def main():
             return _write(report, args.json)
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
-            profiled_s = decode(gen, prompt, 4)
+        prof = profile(activities=activities)
+        try:  # the decode steps only: the prefill before them runs eagerly
+            profiled_s = decode(gen, prompt, 4, after_prefill=prof.start)
+        finally:
+            prof.stop()
         events = prof.key_averages()
         print(events.table(sort_by="self_cpu_time_total", row_limit=25))
         if cuda:
-            print(events.table(sort_by="self_cuda_time_total", row_limit=15))
+            print(events.table(sort_by="self_cuda_time_total", row_limit=30))
             report["gpu_timeline_ms_per_token"] = _gpu_timeline(events, profiled_s, 4)
             print("GPU timeline (ms per token, under the profiler)", report["gpu_timeline_ms_per_token"])
         report["profile_top_self_cpu_us_per_step"] = {
