@@ -20,6 +20,8 @@ host):
 - `gather_read`: the same three rows of every active neuron only read (summed as integers), split over the
   threads as the kernel splits them: the memory system's rate for this access pattern, without the
   arithmetic, the reduction or the mask scan;
+- `bundle_read`, `bound_bundled`, `kernel_bundled`: the same over the rows bundled per neuron ([rows, 3, d]: a
+  neuron's gate, up and down rows adjacent, as the executor keeps CPU rows);
 and reports each as GB/s of active-row bytes and % of the CPU streaming bandwidth measured in the same run.
 The active sets are drawn hot-first (neuron i active with probability falling as a power of i), as the
 artifact orders cold rows, or uniformly with --uniform.
@@ -48,6 +50,7 @@ from powerinfer.runtime.host_memory import huge_page_copy
 
 # one layer: its operator, the calls bound to its buffers (weights as allocated, and a huge-page copy), the
 # buffers, and the active sets written into `mask` in turn
+# `bundle`: the operator over the same rows bundled per neuron
 Layer = namedtuple("Layer", "op bound bound_hugepages bundle x mask out masks")
 
 
@@ -133,8 +136,8 @@ def main():
         x, mask, out = (t.pin_memory() if pin else t for t in (x, masks[0].clone(), torch.zeros(1, args.d)))
         op = cpu.MaskedFFN(*weights, "relu")
         huge = cpu.MaskedFFN(*(huge_page_copy(w) for w in weights), "relu")  # same rows, 2 MB pages
-        # each neuron's gate, up and down rows adjacent ([3 * rows, d], 2 MB pages)
-        bundle = huge_page_copy(torch.stack(weights, dim=1).view(-1, args.d)).view(torch.int16).numpy()
+        # each neuron's gate, up and down rows adjacent ([rows, 3, d], 2 MB pages), as the executor keeps them
+        bundle = cpu.MaskedFFN(*huge_page_copy(torch.stack(weights, dim=1)).unbind(1), "relu")
         layers.append(Layer(op, op.bind(x, mask, out), huge.bind(x, mask, out), bundle, x, mask, out, masks))
     active_bytes = args.active * layers[0].op.neuron_bytes
 
@@ -152,26 +155,18 @@ def main():
             made.append((prepare, run))
         return made
 
-    def kernel(layer):
-        op = layer.op
+    def kernel(layer, bundle=False):
+        op = layer.bundle if bundle else layer.op
         partial = np.zeros((args.threads, 1, args.d), np.float32)
-        arrays = (layer.x.numpy(), *op.weights, layer.mask.numpy(), 1, op.code, op.threshold, partial, layer.out.numpy())
-        return lambda: cpu._masked_ffn_kernel(*arrays)
-
-    def bundled(layer):  # the kernel over the bundled rows: neuron i's rows are 3i, 3i + 1, 3i + 2
-        op, b = layer.op, layer.bundle
-        partial = np.zeros((args.threads, 1, args.d), np.float32)
-        arrays = (layer.x.numpy(), b, b[1:], b[2:], layer.mask.numpy(), 3, op.code, op.threshold, partial,
-                  layer.out.numpy())
+        arrays = (layer.x.numpy(), *op.weights, layer.mask.numpy(), op.stride, op.code, op.threshold, partial, layer.out.numpy())
         return lambda: cpu._masked_ffn_kernel(*arrays)
 
     def gather_read(layer, bundle=False):
         sums = np.zeros(args.threads, np.int64)
-        b = layer.bundle
-        weights, stride = ((b, b[1:], b[2:]), 3) if bundle else (layer.op.weights, 1)
+        op = layer.bundle if bundle else layer.op
 
         def run():  # the ids of the mask the preparation wrote, as the kernel's own scan finds them
-            _gather_read(*weights, np.flatnonzero(layer.mask.numpy()) * stride, args.threads, sums)
+            _gather_read(*op.weights, np.flatnonzero(layer.mask.numpy()) * op.stride, args.threads, sums)
         return run
 
     scratch = np.zeros(args.threads)
@@ -188,7 +183,8 @@ def main():
         "flatnonzero": ([(no_prepare, lambda: np.flatnonzero(mask_np))] * args.layers, 0.0),
         "gather_read": (calls(gather_read), 0.0),
         "bundle_read": (calls(lambda layer: gather_read(layer, bundle=True)), 0.0),
-        "kernel_bundled": (calls(bundled), 0.0),
+        "bound_bundled": (calls(lambda layer: layer.bundle.bind(layer.x, layer.mask, layer.out)), 0.0),
+        "kernel_bundled": (calls(lambda layer: kernel(layer, bundle=True)), 0.0),
         "kernel_again": (calls(kernel), 0.0),
         "bound_hugepages": (calls(lambda layer: layer.bound_hugepages), 0.0),
         "bound_again": (calls(lambda layer: layer.bound), 0.0),  # drift check

@@ -220,6 +220,27 @@ def test_cpu_rows_keep_gate_and_up_in_one_allocation():
     torch.testing.assert_close(_gate_up(x, gate_alone, up_alone, ("silu", 0.0)), want)
 
 
+def test_cpu_rows_of_the_predictor_strategy_are_bundled_per_neuron():
+    """Rows read for the predicted neurons only: a neuron's gate, up and down rows adjacent (one run of memory
+    per active neuron); dense products over them (the dense fallback) still equal the formula, one-row sides
+    included."""
+    from powerinfer.kernels.cpu import row_stride
+    from powerinfer.runtime.executor import CPU, SplitFFN, _gate_up
+
+    torch.manual_seed(6)
+    d, n_ff = 64, 203
+    gate, up, down = torch.randn(n_ff, d), torch.randn(n_ff, d), torch.randn(d, n_ff)
+    for start in (70, n_ff - 1):
+        rows = SplitFFN._rows(gate, up, down, start, n_ff, CPU, torch.float32, "predictor")
+        assert [row_stride(w) for w in rows] == ([3] * 3 if n_ff - start > 1 else [1] * 3)
+        assert rows[1].data_ptr() == rows[0].data_ptr() + d * 4 and rows[2].data_ptr() == rows[0].data_ptr() + 2 * d * 4
+        for w, want in zip(rows, (gate[start:], up[start:], down.T[start:])):
+            assert torch.equal(w, want)
+        x = torch.randn(3, d)
+        torch.testing.assert_close(_gate_up(x, rows[0], rows[1], ("relu", 0.0)),
+                                   torch.relu(x @ gate[start:].T) * (x @ up[start:].T))
+
+
 def _eager_and_segments(make_run, ids):
     """Greedy logits and neuron shares of a prefill + decode, eager and through the CUDA-graph segments
     (runtime.segments), each with a fresh executor from make_run()."""

@@ -221,13 +221,39 @@ def test_cpu_down_many_threads_worth_of_rows():
 
 
 @needs_numba
+@pytest.mark.usefixtures("cpu_path")
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_cpu_kernels_read_a_neuron_bundle_as_separate_rows(n_tokens, weight_dtype):
+    """Rows bundled per neuron ([n_ff, 3, d], as the executor keeps CPU rows): every CPU kernel given the
+    bundle's slices computes what it computes over the same rows as separate contiguous matrices."""
+    from powerinfer.kernels import cpu
+
+    x, weights = make_ffn(D, N_FF, n_tokens, seed=5, dtype=weight_dtype)
+    bundled = torch.stack(weights, dim=1).unbind(1)
+    assert [cpu.row_stride(w) for w in bundled] == [3, 3, 3] and cpu.row_stride(weights[0]) == 1
+    idx = active_sets(N_FF, torch.Generator().manual_seed(6))["unsorted"]
+    mask = torch.zeros(N_FF, dtype=torch.bool)
+    mask[idx.long()] = True
+    h = torch.randn(n_tokens, idx.shape[0], generator=torch.Generator().manual_seed(8))
+    for run in (lambda w: sparse_gate_up(x, w[0], w[1], idx, "relu", use_kernel=True),
+                lambda w: sparse_down(h, w[2], idx, use_kernel=True),
+                lambda w: masked_ffn(x, *w, mask, "relu", use_kernel=True)[0],
+                lambda w: cpu.dense_gemv(x, w[1])):
+        torch.testing.assert_close(run(bundled), run(weights), **F32_TOL)
+
+
+@needs_numba
 def test_cpu_rejects_out_of_range_ids_and_strided_weights():
     x, (w_gate, w_up, _) = make_ffn(D, N_FF, 1, seed=0)
     with pytest.raises(IndexError):
         sparse_gate_up(x, w_gate, w_up, torch.tensor([0, N_FF]), "relu", use_kernel=True)
     column_major = torch.randn(D, N_FF).T
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="one row per neuron"):
         sparse_gate_up(x, column_major, w_up, torch.tensor([0]), "relu", use_kernel=True)
+    bundled = torch.stack([w_gate, w_up], dim=1).unbind(1)
+    with pytest.raises(ValueError, match="one layout"):  # gate from a bundle, up contiguous
+        sparse_gate_up(x, bundled[0], w_up, torch.tensor([0]), "relu", use_kernel=True)
 
 
 @pytest.mark.parametrize("use_kernel", [None, False])

@@ -16,6 +16,9 @@ instead of converting the sparse activation pattern to a dense format.
   the executor's CPU part is one dispatch per layer; a neuron whose h stays 0 never has its down
   row read.
 * dense GEMV: y = x @ W^T for a few tokens (decode), each row read once, long rows four per pass.
+* row layouts: each weight is a contiguous [n_ff, d] matrix or a slice ``bundle[:, j]`` of a neuron bundle
+  [n_ff, k, d] (`row_stride`), where a neuron's gate, up and down rows are adjacent, so an active neuron is one
+  run of memory; the kernels step rows by k (the executor bundles its CPU rows for the predicted-sparse FFN).
 * int4 GEMV: the same over a 4-bit matrix with group scales (the quantized-gate predictor, see
   ``quantized``). Compute-bound (unpacking, in groups of 32-64 columns): on the 2-core VM a 1536 x 576 matrix
   takes ~110 us against ~58 us for the float32 GEMV of the same shape; at 11008 x 4096 and 2 threads 2.1 ms
@@ -245,14 +248,31 @@ def _serial(weight_bytes: int) -> bool:
     return threads == 1 or weight_bytes <= (SERIAL_MAX_BYTES if threads <= 2 else SERIAL_MAX_BYTES_MANY_THREADS)
 
 
-def _weight_array(w: torch.Tensor) -> np.ndarray:
+def row_stride(w: torch.Tensor) -> int | None:
+    """k where row i of the [n, d] matrix `w` is row i * k of a contiguous [*, d] array: 1 for a contiguous
+    matrix, k for one slice `bundle[:, j]` of a neuron bundle [n, k, d] (a neuron's rows adjacent); None for
+    any other layout."""
+    if w.dim() != 2 or w.stride(1) != 1 and w.shape[1] > 1:
+        return None
+    if w.shape[0] <= 1:
+        return 1
+    stride, d = w.stride(0), max(w.shape[1], 1)
+    return stride // d if stride >= d and stride % d == 0 else None
+
+
+def _weight_array(w: torch.Tensor) -> tuple[np.ndarray, int]:
+    """(array, k): the numba view of `w` whose row i * k is row i of `w` (`row_stride`)."""
     # A silent .contiguous() here would copy the whole matrix on every call.
-    if not w.is_contiguous():
-        raise ValueError("weights must be contiguous [n_ff, d] tensors (one row per neuron)")
+    k = row_stride(w)
+    if k is None:
+        raise ValueError("weights must be [n_ff, d] tensors with one row per neuron: contiguous, or the slices "
+                         "of a [n_ff, k, d] neuron bundle")
     w = w.detach()
-    if w.dtype == torch.bfloat16:
-        return w.view(torch.int16).numpy()
-    return w.numpy()
+    if k > 1:  # every row from the first to the last of w, those of the bundle's other slices included
+        w = torch.as_strided(w, ((w.shape[0] - 1) * k + 1, w.shape[1]), (w.shape[1], 1))
+    elif not w.is_contiguous():
+        w = w.contiguous()  # one row
+    return (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).numpy(), k
 
 
 def _float32_array(t: torch.Tensor) -> np.ndarray:
@@ -291,7 +311,10 @@ def sparse_gate_up(
     code, threshold = activation_code(activation), np.float32(threshold)
     idx_np = _index_array(idx, w_gate.shape[0])
     out = _output(out, (x.shape[0], idx_np.shape[0]))
-    w_gate, w_up = _weight_array(w_gate), _weight_array(w_up)
+    (w_gate, k), (w_up, k_up) = _weight_array(w_gate), _weight_array(w_up)
+    if k != k_up:
+        raise ValueError("gate and up rows must share one layout")
+    idx_np = idx_np * k if k > 1 else idx_np
     if _serial(2 * idx_np.shape[0] * w_gate.shape[1] * w_gate.itemsize):
         _gate_up_kernel_serial(_float32_array(x), w_gate, w_up, idx_np, code, threshold, 1, out.numpy())
         return out
@@ -311,7 +334,8 @@ def sparse_down(
     idx_np = _index_array(idx, w_down_t.shape[0])
     n_tokens, d = h.shape[0], w_down_t.shape[1]
     out = _output(out, (n_tokens, d))
-    w_down_t = _weight_array(w_down_t)
+    w_down_t, k = _weight_array(w_down_t)
+    idx_np = idx_np * k if k > 1 else idx_np
     if _serial(idx_np.shape[0] * d * w_down_t.itemsize):
         _down_kernel_serial(_float32_array(h), w_down_t, idx_np, 1, out.numpy())
         return out
@@ -328,9 +352,10 @@ GEMV_FOUR_ROWS_MIN_D = 2048
 
 
 @njit(**_JIT)
-def _gemv_kernel(x, w, n_tasks, four_rows, out):
+def _gemv_kernel(x, w, stride, n_tasks, four_rows, out):
+    """out[t, j] = x[t] . w[j * stride]."""
     n_tokens, d = x.shape
-    rows = w.shape[0]
+    rows = out.shape[1]
     for task in prange(n_tasks):
         lo = task * rows // n_tasks
         hi = (task + 1) * rows // n_tasks
@@ -338,7 +363,7 @@ def _gemv_kernel(x, w, n_tasks, four_rows, out):
             x_t = x[t]
             j = lo
             while four_rows and j + 4 <= hi:
-                r0, r1, r2, r3 = w[j], w[j + 1], w[j + 2], w[j + 3]
+                r0, r1, r2, r3 = w[j * stride], w[(j + 1) * stride], w[(j + 2) * stride], w[(j + 3) * stride]
                 a0 = np.float32(0.0)
                 a1 = np.float32(0.0)
                 a2 = np.float32(0.0)
@@ -355,7 +380,7 @@ def _gemv_kernel(x, w, n_tasks, four_rows, out):
                 out[t, j + 3] = a3
                 j += 4
             while j < hi:
-                row = w[j]
+                row = w[j * stride]
                 acc = np.float32(0.0)
                 for i in range(d):
                     acc += x_t[i] * _weight(row, i)
@@ -367,15 +392,17 @@ _gemv_kernel_serial = _serial_variant(_gemv_kernel)
 
 
 def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y[T, n] = x @ w^T for a few tokens: each weight row streamed once (float32/bfloat16 weights)."""
-    w_np = _weight_array(w)
-    out = _output(out, (x.shape[0], w_np.shape[0]))
+    """y[T, n] = x @ w^T for a few tokens: each weight row streamed once (float32/bfloat16 weights; `w`
+    contiguous or a neuron bundle's slice, `row_stride`)."""
+    w_np, k = _weight_array(w)
+    n = w.shape[0]
+    out = _output(out, (x.shape[0], n))
     four_rows = w_np.shape[1] >= GEMV_FOUR_ROWS_MIN_D
-    if _serial(w_np.nbytes):
-        _gemv_kernel_serial(_float32_array(x), w_np, 1, four_rows, out.numpy())
+    if _serial(n * w_np.shape[1] * w_np.itemsize):
+        _gemv_kernel_serial(_float32_array(x), w_np, k, 1, four_rows, out.numpy())
         return out
-    n_tasks = max(1, min(w_np.shape[0], numba.get_num_threads()))
-    _gemv_kernel(_float32_array(x), w_np, n_tasks, four_rows, out.numpy())
+    n_tasks = max(1, min(n, numba.get_num_threads()))
+    _gemv_kernel(_float32_array(x), w_np, k, n_tasks, four_rows, out.numpy())
     return out
 
 
@@ -538,13 +565,18 @@ class MaskedFFN:
     layer's cold FFN)."""
 
     def __init__(self, w_gate, w_up, w_down_t, activation: str, threshold: float = 0.0):
-        self.weights = tuple(_weight_array(w) for w in (w_gate, w_up, w_down_t))
+        arrays = [_weight_array(w) for w in (w_gate, w_up, w_down_t)]
+        self.weights, strides = tuple(a for a, _ in arrays), {k for _, k in arrays}
+        if len(strides) != 1:
+            raise ValueError("gate, up and down rows must share one layout (contiguous, or one neuron bundle)")
+        self.stride = strides.pop()  # 3 for a bundle [n_ff, 3, d]: an active neuron is one run of memory
+        self.n_ff = w_gate.shape[0]
         self.code, self.threshold = activation_code(activation), np.float32(threshold)
         self.neuron_bytes = 3 * self.weights[2].shape[1] * self.weights[2].itemsize
         self._partial = np.zeros((0, 0, 0), np.float32)
 
     def _arrays(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> tuple[np.ndarray, ...]:
-        n_ff, d = self.weights[0].shape[0], self.weights[2].shape[1]
+        n_ff, d = self.n_ff, self.weights[2].shape[1]
         if x.dim() != 2 or x.shape[1] != d:
             raise ValueError(f"x must be [T, {d}], got {tuple(x.shape)}")
         mask_np = mask.detach().numpy()
@@ -563,7 +595,7 @@ class MaskedFFN:
         if self._partial.shape[0] < tasks or self._partial.shape[1] != x.shape[0]:
             self._partial = np.zeros((numba.config.NUMBA_NUM_THREADS, *out.shape), np.float32)
         kernel = _masked_ffn_kernel_serial if tasks == 1 else _masked_ffn_kernel
-        kernel(x, *self.weights, mask, 1, self.code, self.threshold, self._partial[:tasks], out)
+        kernel(x, *self.weights, mask, self.stride, self.code, self.threshold, self._partial[:tasks], out)
         return k
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None

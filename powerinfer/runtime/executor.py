@@ -127,9 +127,9 @@ class SplitFFN(nn.Module):
         # the sparse operators read down transposed (a neuron's weights in one row); a dense FFN keeps the model's
         # [d, n_ff] layout for the GEMV, which beats the all-rows AXPY on the CPU (SmolLM2's 576-wide rows on the
         # 2-core VM: 5.4 vs 8.0 ms per token; LLaMA-2-7B/13B shapes, 16-thread H100 host: ~10%)
-        gate, up, dense = gate_up[:n_ff], gate_up[n_ff:], layer.strategy == "dense"
-        self.hot = self._rows(gate, up, down, 0, self.n_hot, plan.hot_device, plan.hot_dtype, dense)
-        self.cold = self._rows(gate, up, down, self.n_hot, n_ff, CPU, plan.cold_dtype, dense)
+        gate, up, strategy = gate_up[:n_ff], gate_up[n_ff:], layer.strategy
+        self.hot = self._rows(gate, up, down, 0, self.n_hot, plan.hot_device, plan.hot_dtype, strategy)
+        self.cold = self._rows(gate, up, down, self.n_hot, n_ff, CPU, plan.cold_dtype, strategy)
         self.predictor, self._cold_ffn = None, None
         if layer.strategy == "predictor" and self.cold is not None:
             self._cold_ffn = kernels.bind_masked_ffn(*self.cold, activation, threshold=threshold)
@@ -148,17 +148,23 @@ class SplitFFN(nn.Module):
         self._pinned: dict[str, torch.Tensor] = {}
 
     @staticmethod
-    def _rows(gate, up, down, start, stop, device, dtype, dense: bool):
+    def _rows(gate, up, down, start, stop, device, dtype, strategy: str):
         """Neurons [start, stop) on `device`: their gate and up rows, and their down weights as rows of down.T
         ([stop - start, d]) or, for a dense FFN, as the model's [d, stop - start] columns."""
         if stop <= start:
             return None
-        down = down[:, start:stop] if dense else down.T[start:stop]
+        down = down[:, start:stop] if strategy == "dense" else down.T[start:stop]
         if device.type == "cpu":
-            # gate and up rows in one allocation, gate first: where both are needed densely they are one GEMV
-            # (`_gate_up`; two calls over the halves took 10.9 instead of 7.6 ms per SmolLM2 token on the 2-core
-            # VM), and each half is still a contiguous [rows, d] matrix for the sparse kernels. Read in scattered
-            # rows: huge pages spare a TLB miss per row (host_memory).
+            # In CPU memory, read in scattered rows: huge pages spare a TLB miss per row (host_memory).
+            if strategy == "predictor":
+                # each neuron's gate, up and down rows adjacent ([rows, 3, d]): an active neuron is one run of
+                # memory (the masked FFN of a synthetic 13B's cold layer: 160 -> 148 us, 16-thread H100 host,
+                # cold_ffn_bundled_h100.json)
+                bundle = huge_page_copy(torch.stack([gate[start:stop], up[start:stop], down], dim=1), dtype)
+                return list(bundle.unbind(1))
+            # gate and up rows in one allocation, gate first: where both are needed densely (every token, for
+            # exact-sparse-down) they are one GEMV (`_gate_up`; two calls over the halves took 10.9 instead of
+            # 7.6 ms per SmolLM2 token on the 2-core VM), each half a contiguous [rows, d] matrix
             n = stop - start
             gate_up = huge_page_copy(torch.cat([gate[start:stop], up[start:stop]]), dtype)
             return [gate_up[:n], gate_up[n:], huge_page_copy(down, dtype)]
@@ -380,7 +386,7 @@ def _gate_up(x, gate, up, act):
     if (gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()
             and up.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr()  # not just adjacent
             and up.data_ptr() == gate.data_ptr() + gate.numel() * gate.element_size()):
-        gate_out, up_out = kernels.linear(x, torch.as_strided(gate, (2 * n, gate.shape[1]), gate.stride())).split(n, -1)
+        gate_out, up_out = kernels.linear(x, torch.as_strided(gate, (2 * n, gate.shape[1]), (gate.shape[1], 1))).split(n, -1)
     else:
         gate_out, up_out = kernels.linear(x, gate), kernels.linear(x, up)
     return ffn_activation(gate_out, up_out, *act)
