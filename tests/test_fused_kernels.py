@@ -101,6 +101,48 @@ def test_numba_rotary_equals_the_reference(heads, kv_heads, head_dim, seq):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def _cache_case(heads, kv_heads, head_dim, seq, slots_total, dtype=torch.float32, device="cpu"):
+    """A fused projection, angles, a KV cache with every slot already filled, and the slots to write (not in
+    order, not from 0)."""
+    g = torch.Generator().manual_seed(heads + seq)
+    qkv = torch.randn(2, seq, (heads + 2 * kv_heads) * head_dim, generator=g)
+    angles = (torch.arange(seq)[:, None] + 3) * torch.rand(head_dim // 2, generator=g)
+    keys, values = (torch.randn(2, kv_heads, slots_total, head_dim, generator=g) for _ in range(2))
+    slots = torch.randperm(slots_total, generator=g)[:seq]
+    return [t.to(device, dtype) for t in (qkv, keys, values)], angles.cos().to(device), angles.sin().to(device), \
+        slots.to(device)
+
+
+@needs_numba
+@pytest.mark.parametrize("heads,kv_heads,head_dim,seq", [(9, 3, 64, 1), (5, 1, 6, 7)])
+@torch.inference_mode()
+def test_numba_rotary_into_the_cache_equals_the_reference(heads, kv_heads, head_dim, seq):
+    (qkv, keys, values), cos, sin, slots = _cache_case(heads, kv_heads, head_dim, seq, 11)
+    want_keys, want_values = keys.clone(), values.clone()
+    want_q = fused.rotary_qkv_to_cache_reference(qkv, cos, sin, heads, kv_heads, want_keys, want_values, slots)
+    assert fused._use_numba(qkv, cos, sin, keys, values)
+    q = fused.rotary_qkv_to_cache(qkv, cos, sin, heads, kv_heads, keys, values, slots)
+    torch.testing.assert_close(q, want_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(keys, want_keys, rtol=1e-6, atol=1e-6)  # other slots untouched
+    assert torch.equal(values, want_values)
+    # the reference is the separate steps: rotation, then the cache rows written at the slots
+    q_alone, k_alone, v_alone = fused.rotary_qkv_reference(qkv, cos, sin, heads, kv_heads)
+    assert torch.equal(want_q, q_alone) and torch.equal(want_keys[:, :, slots], k_alone)
+    assert torch.equal(want_values[:, :, slots], v_alone)
+
+
+def test_rotary_into_the_cache_checks_its_operands():
+    (qkv, keys, values), cos, sin, slots = _cache_case(5, 1, 6, 3, 4)
+    with pytest.raises(IndexError, match=r"\[0, 4\)"):
+        fused.rotary_qkv_to_cache(qkv, cos, sin, 5, 1, keys, values, torch.tensor([0, 1, 4]))
+    with pytest.raises(ValueError, match="contiguous"):
+        fused.rotary_qkv_to_cache(qkv, cos, sin, 5, 1, keys.transpose(2, 3), values, slots)
+    with pytest.raises(ValueError, match="contiguous"):
+        fused.rotary_qkv_to_cache(qkv, cos, sin, 5, 1, keys[:1], values, slots)
+    with pytest.raises(ValueError, match="3 integer positions"):
+        fused.rotary_qkv_to_cache(qkv, cos, sin, 5, 1, keys, values, slots[:2])
+
+
 def test_the_kernels_are_not_used_under_autograd():
     x = torch.randn(2, 8, requires_grad=True)
     w = torch.ones(8, requires_grad=True)
@@ -159,6 +201,24 @@ def test_triton_rotary_equals_the_reference(dtype, heads, kv_heads, head_dim, se
                          fused.rotary_qkv_reference(qkv, cos, sin, heads, kv_heads)):
         assert got.shape == want.shape and got.dtype == want.dtype
         torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,seq", [(32, 32, 128, 1), (5, 1, 6, 7)])
+@torch.inference_mode()
+def test_triton_rotary_into_the_cache_equals_the_reference(dtype, heads, kv_heads, head_dim, seq):
+    (qkv, keys, values), cos, sin, slots = _cache_case(heads, kv_heads, head_dim, seq, 13, dtype, "cuda")
+    want_keys, want_values = keys.clone(), values.clone()
+    want_q = fused.rotary_qkv_to_cache_reference(qkv, cos, sin, heads, kv_heads, want_keys, want_values, slots)
+    q = fused.rotary_qkv_to_cache(qkv, cos, sin, heads, kv_heads, keys, values, slots)
+    torch.testing.assert_close(q, want_q, **TOLERANCE[dtype])
+    torch.testing.assert_close(keys, want_keys, **TOLERANCE[dtype])
+    assert torch.equal(values, want_values)
+    before = keys.clone()  # a slot outside the cache: its rows are dropped, nothing else changes
+    fused.rotary_qkv_to_cache(qkv[:, :1], cos[:1], sin[:1], heads, kv_heads, keys, values, torch.tensor([13]))
+    assert torch.equal(keys, before)
 
 
 @pytest.mark.cuda

@@ -128,6 +128,26 @@ def test_rotary_qkv(heads, kv_heads, head_dim, seq):
         torch.testing.assert_close(got_part, want_part, **TOL)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "seq"), [(9, 3, 64, 2), (5, 1, 6, 3)])
+def test_rotary_qkv_to_cache(heads, kv_heads, head_dim, seq):
+    g = torch.Generator().manual_seed(heads)
+    qkv = torch.randn(2, seq, (heads + 2 * kv_heads) * head_dim, generator=g)
+    angles = (torch.arange(seq)[:, None] + 3) * torch.rand(head_dim // 2, generator=g)[None, :]
+    keys, values = (torch.randn(2, kv_heads, 7, head_dim, generator=g) for _ in range(2))
+    slots = torch.randperm(7, generator=g)[:seq]
+    want_keys, want_values = keys.clone(), values.clone()
+    want = fused.rotary_qkv_to_cache_reference(qkv, angles.cos(), angles.sin(), heads, kv_heads, want_keys,
+                                               want_values, slots)
+    got = triton_fused.rotary_qkv_to_cache(qkv, angles.cos(), angles.sin(), heads, kv_heads, keys, values, slots)
+    for got_part, want_part in zip((got, keys, values), (want, want_keys, want_values)):
+        torch.testing.assert_close(got_part, want_part, **TOL)
+    # a slot outside the cache: dropped, nothing written
+    slots[-1] = 7
+    triton_fused.rotary_qkv_to_cache(qkv, angles.cos(), angles.sin(), heads, kv_heads, keys, values, slots)
+    torch.testing.assert_close(keys[:, :, slots[:-1]], want_keys[:, :, slots[:-1]], **TOL)
+    assert torch.equal(values[:, :, slots[:-1]], want_values[:, :, slots[:-1]])
+
+
 def test_wait_for_host_flag():
     """A set flag lets the kernel through and is zeroed (re-armed); a wait on a clear one would spin, which the
     CUDA tests cover with the host setting it later."""

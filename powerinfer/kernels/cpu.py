@@ -654,19 +654,25 @@ def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torc
 
 
 @njit(fastmath=_FASTMATH, cache=True, nogil=True)
-def _rotary_kernel(qkv, cos, sin, n_heads, n_kv_heads, q, k):
+def _rotary_kernel(qkv, cos, sin, n_heads, n_kv_heads, slots, to_cache, q, k, v):
+    """q rotated; k rotated (and, `to_cache`, v) into slot slots[t] of k / v ([B, KV, S, D])."""
     batch, seq, width = qkv.shape
     head_dim = width // (n_heads + 2 * n_kv_heads)
     half = head_dim // 2
     for b in range(batch):
         for t in range(seq):
+            slot = slots[t]
             for head in range(n_heads + n_kv_heads):
                 source = qkv[b, t, head * head_dim:(head + 1) * head_dim]
-                target = q[b, head, t] if head < n_heads else k[b, head - n_heads, t]
+                target = q[b, head, t] if head < n_heads else k[b, head - n_heads, slot]
                 for i in range(half):
                     x1, x2 = source[i], source[half + i]
                     target[i] = x1 * cos[t, i] - x2 * sin[t, i]
                     target[half + i] = x2 * cos[t, i] + x1 * sin[t, i]
+            if to_cache:
+                for head in range(n_kv_heads):
+                    start = (n_heads + n_kv_heads + head) * head_dim
+                    v[b, head, slot] = qkv[b, t, start:start + head_dim]
 
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int):
@@ -676,6 +682,17 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
     qkv = qkv.contiguous()
     q = torch.empty((batch, n_heads, seq, head_dim), dtype=torch.float32)
     k = torch.empty((batch, n_kv_heads, seq, head_dim), dtype=torch.float32)
-    _rotary_kernel(qkv.numpy(), _float32_array(cos), _float32_array(sin), n_heads, n_kv_heads, q.numpy(), k.numpy())
+    k_np = k.numpy()
+    _rotary_kernel(qkv.numpy(), _float32_array(cos), _float32_array(sin), n_heads, n_kv_heads,
+                   np.arange(seq, dtype=np.int64), False, q.numpy(), k_np, k_np)
     v = qkv[..., (n_heads + n_kv_heads) * head_dim:].view(batch, seq, n_kv_heads, head_dim).transpose(1, 2)
     return q, k, v
+
+
+def rotary_qkv_to_cache(qkv, cos, sin, n_heads: int, n_kv_heads: int, keys, values, slots) -> torch.Tensor:
+    """float32 CPU tensors, slots checked by the caller; see fused.rotary_qkv_to_cache."""
+    batch, seq, width = qkv.shape
+    q = torch.empty((batch, n_heads, seq, width // (n_heads + 2 * n_kv_heads)), dtype=torch.float32)
+    _rotary_kernel(qkv.contiguous().numpy(), _float32_array(cos), _float32_array(sin), n_heads, n_kv_heads,
+                   slots.to(torch.int64).contiguous().numpy(), True, q.numpy(), keys.numpy(), values.numpy())
+    return q

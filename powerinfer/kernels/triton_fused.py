@@ -61,25 +61,51 @@ def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torc
 
 
 @triton.jit
-def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, seq, n_heads, n_kv_heads,
-                   HALF: tl.constexpr, BLOCK: tl.constexpr):
+def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slots_ptr, seq, n_heads, n_kv_heads, k_seq,
+                   HALF: tl.constexpr, BLOCK: tl.constexpr, TO_CACHE: tl.constexpr):
     token = tl.program_id(0)  # batch * seq + position in the chunk
-    head = tl.program_id(1)  # q heads, then k heads
+    head = tl.program_id(1)  # q heads, then k heads, then (TO_CACHE) v heads
     batch, t = token // seq, token % seq
     i = tl.arange(0, BLOCK)
     inside = i < HALF
     width = (n_heads + 2 * n_kv_heads) * 2 * HALF
     source = qkv_ptr + token * width + head * 2 * HALF
-    x1 = tl.load(source + i, mask=inside, other=0.0).to(tl.float32)
-    x2 = tl.load(source + HALF + i, mask=inside, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + t * HALF + i, mask=inside, other=0.0)
-    sin = tl.load(sin_ptr + t * HALF + i, mask=inside, other=0.0)
-    if head < n_heads:
-        target = q_ptr + ((batch * n_heads + head) * seq + t) * 2 * HALF
+    x1 = tl.load(source + i, mask=inside, other=0.0)
+    x2 = tl.load(source + HALF + i, mask=inside, other=0.0)
+    # k and v go to slot `slots[t]` of a [B, KV, k_seq, D] cache, or to position t of a fresh k
+    slot = t
+    if TO_CACHE:
+        slot = tl.load(slots_ptr + t).to(tl.int32)
+    slot_i = slot + 0 * i  # as a block: a scalar mask in `&` trips Triton's interpreter
+    inside_kv = inside & (slot_i >= 0) & (slot_i < k_seq)  # a slot outside the cache is dropped, never written
+    kv_row = (batch * n_kv_heads + head - n_heads) * k_seq + slot
+    if head >= n_heads + n_kv_heads:  # v: copied as it is
+        v_target = v_ptr + (kv_row - n_kv_heads * k_seq) * 2 * HALF
+        tl.store(v_target + i, x1.to(v_ptr.dtype.element_ty), mask=inside_kv)
+        tl.store(v_target + HALF + i, x2.to(v_ptr.dtype.element_ty), mask=inside_kv)
     else:
-        target = k_ptr + ((batch * n_kv_heads + head - n_heads) * seq + t) * 2 * HALF
-    tl.store(target + i, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=inside)
-    tl.store(target + HALF + i, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=inside)
+        cos = tl.load(cos_ptr + t * HALF + i, mask=inside, other=0.0)
+        sin = tl.load(sin_ptr + t * HALF + i, mask=inside, other=0.0)
+        y1 = x1.to(tl.float32) * cos - x2.to(tl.float32) * sin
+        y2 = x2.to(tl.float32) * cos + x1.to(tl.float32) * sin
+        if head < n_heads:
+            q_target = q_ptr + ((batch * n_heads + head) * seq + t) * 2 * HALF
+            tl.store(q_target + i, y1.to(q_ptr.dtype.element_ty), mask=inside)
+            tl.store(q_target + HALF + i, y2.to(q_ptr.dtype.element_ty), mask=inside)
+        else:
+            k_target = k_ptr + kv_row * 2 * HALF
+            tl.store(k_target + i, y1.to(k_ptr.dtype.element_ty), mask=inside_kv)
+            tl.store(k_target + HALF + i, y2.to(k_ptr.dtype.element_ty), mask=inside_kv)
+
+
+def _launch_rotary(qkv, cos, sin, n_heads, n_kv_heads, q, k, v, slots, to_cache: bool) -> None:
+    batch, seq, width = qkv.shape
+    if batch * seq:
+        half = width // (n_heads + 2 * n_kv_heads) // 2
+        heads = n_heads + (2 if to_cache else 1) * n_kv_heads
+        _rotary_kernel[(batch * seq, heads)](
+            qkv, cos.float().contiguous(), sin.float().contiguous(), q, k, v, slots, seq, n_heads, n_kv_heads,
+            k.shape[2], HALF=half, BLOCK=triton.next_power_of_2(half), TO_CACHE=to_cache, num_warps=1)
 
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int
@@ -87,16 +113,20 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
     batch, seq, width = qkv.shape
     head_dim = width // (n_heads + 2 * n_kv_heads)
     qkv = qkv.contiguous()
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
     q = torch.empty((batch, n_heads, seq, head_dim), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((batch, n_kv_heads, seq, head_dim), dtype=qkv.dtype, device=qkv.device)
-    if batch * seq:
-        half = head_dim // 2
-        _rotary_kernel[(batch * seq, n_heads + n_kv_heads)](
-            qkv, cos, sin, q, k, seq, n_heads, n_kv_heads, HALF=half, BLOCK=triton.next_power_of_2(half),
-            num_warps=1)
+    _launch_rotary(qkv, cos, sin, n_heads, n_kv_heads, q, k, k, k, to_cache=False)
     v = qkv[..., (n_heads + n_kv_heads) * head_dim:].view(batch, seq, n_kv_heads, head_dim).transpose(1, 2)
     return q, k, v
+
+
+def rotary_qkv_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
+                        keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    batch, seq, width = qkv.shape
+    qkv = qkv.contiguous()
+    q = torch.empty((batch, n_heads, seq, width // (n_heads + 2 * n_kv_heads)), dtype=qkv.dtype, device=qkv.device)
+    _launch_rotary(qkv, cos, sin, n_heads, n_kv_heads, q, keys, values, slots, to_cache=True)
+    return q
 
 
 @triton.jit

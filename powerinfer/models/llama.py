@@ -179,9 +179,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, positions, cache, mask):
         batch, seq, _ = x.shape
-        q, k, v = rotary_qkv(self.qkv_proj(x), cos, sin, self.n_heads, self.n_kv_heads)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, positions, k, v)
+        qkv = self.qkv_proj(x)
+        if cache is None:
+            q, k, v = rotary_qkv(qkv, cos, sin, self.n_heads, self.n_kv_heads)
+        else:  # k and v rotated straight into the cache's slots
+            q, k, v = cache.store_rotary(self.layer_idx, qkv, cos, sin, positions, self.n_heads, self.n_kv_heads)
         if mask is None:  # no cache, or the tokens fill the cache window: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, enable_gqa=True)
         else:
@@ -233,7 +235,7 @@ class Transformer(nn.Module):
                 last_logits_only: bool = False) -> torch.Tensor:
         """tokens: [B, T] int64; positions: [T] int64 (shared by the batch) -> logits [B, T or 1, V].
 
-        `cache` is a `powerinfer.runtime.KVCache` (or anything with `update` and `attention_mask`);
+        `cache` is a `powerinfer.runtime.KVCache` (or anything with `store_rotary` and `attention_mask`);
         without one, attention is causal over `tokens` alone.
         """
         x = self.embed_tokens(tokens)

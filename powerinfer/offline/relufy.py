@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from powerinfer.errors import PowerInferError
+from powerinfer.kernels.fused import rotary_qkv_to_cache
 from powerinfer.loading import load_model
 from powerinfer.loading.artifact import sha256_file
 from powerinfer.offline.checkpoint import save_hf_model
@@ -70,10 +71,9 @@ class _SamplingCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
         self.slots = torch.arange(max_len, device=device)
 
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.keys[layer].index_copy_(2, positions, k)
-        self.values[layer].index_copy_(2, positions, v)
-        return self.keys[layer], self.values[layer]
+    def store_rotary(self, layer: int, qkv, cos, sin, positions: torch.Tensor, n_heads: int, n_kv_heads: int):
+        keys, values = self.keys[layer], self.values[layer]
+        return rotary_qkv_to_cache(qkv, cos, sin, n_heads, n_kv_heads, keys, values, positions), keys, values
 
     def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
         return self.slots[None, :] <= positions[:, None]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from powerinfer.kernels.fused import rotary_qkv_to_cache
+
 
 class KVCache:
     """`device` and `dtype` may be one value or one per layer (layers placed on different devices)."""
@@ -40,12 +42,13 @@ class KVCache:
         """Attend over slots [0, length) only; `length` must cover every position written so far."""
         self.window = max(1, min(length, self.max_seq_len))
 
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        if positions.device != k.device:
-            positions = positions.to(k.device)
-        self.keys[layer].index_copy_(2, positions, k)
-        self.values[layer].index_copy_(2, positions, v)
-        return self.keys[layer][:, :, :self.window], self.values[layer][:, :, :self.window]
+    def store_rotary(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     positions: torch.Tensor, n_heads: int, n_kv_heads: int):
+        """(q, keys, values) for attention: the fused projection's q rotated, its k rotated and v written into
+        this layer's slots at `positions` (one kernel on CUDA), and the layer's keys and values in the window."""
+        keys, values = self.keys[layer], self.values[layer]
+        q = rotary_qkv_to_cache(qkv, cos, sin, n_heads, n_kv_heads, keys, values, positions)
+        return q, keys[:, :, :self.window], values[:, :, :self.window]
 
     def attention_mask(self, positions: torch.Tensor) -> torch.Tensor | None:
         """[T, window] boolean mask: query at position p sees slots <= p (and > p - sliding_window).
