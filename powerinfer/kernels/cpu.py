@@ -655,10 +655,14 @@ def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torc
 
 @njit(fastmath=_FASTMATH, cache=True, nogil=True)
 def _rotary_kernel(qkv, cos, sin, n_heads, n_kv_heads, slots, to_cache, q, k, v):
-    """q rotated; k rotated (and, `to_cache`, v) into slot slots[t] of k / v ([B, KV, S, D])."""
+    """q rotated; k rotated (and, `to_cache`, v) into slot slots[t] of k / v ([B, KV, S, D]). False, with
+    nothing written, when a slot lies outside [0, S)."""
     batch, seq, width = qkv.shape
     head_dim = width // (n_heads + 2 * n_kv_heads)
     half = head_dim // 2
+    for t in range(seq):
+        if slots[t] < 0 or slots[t] >= k.shape[2]:
+            return False
     for b in range(batch):
         for t in range(seq):
             slot = slots[t]
@@ -673,6 +677,7 @@ def _rotary_kernel(qkv, cos, sin, n_heads, n_kv_heads, slots, to_cache, q, k, v)
                 for head in range(n_kv_heads):
                     start = (n_heads + n_kv_heads + head) * head_dim
                     v[b, head, slot] = qkv[b, t, start:start + head_dim]
+    return True
 
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int):
@@ -690,9 +695,10 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
 
 
 def rotary_qkv_to_cache(qkv, cos, sin, n_heads: int, n_kv_heads: int, keys, values, slots) -> torch.Tensor:
-    """float32 CPU tensors, slots checked by the caller; see fused.rotary_qkv_to_cache."""
+    """float32 CPU tensors; see fused.rotary_qkv_to_cache."""
     batch, seq, width = qkv.shape
     q = torch.empty((batch, n_heads, seq, width // (n_heads + 2 * n_kv_heads)), dtype=torch.float32)
-    _rotary_kernel(qkv.contiguous().numpy(), _float32_array(cos), _float32_array(sin), n_heads, n_kv_heads,
-                   slots.to(torch.int64).contiguous().numpy(), True, q.numpy(), keys.numpy(), values.numpy())
+    if not _rotary_kernel(qkv.contiguous().numpy(), _float32_array(cos), _float32_array(sin), n_heads, n_kv_heads,
+                          slots.to(torch.int64).contiguous().numpy(), True, q.numpy(), keys.numpy(), values.numpy()):
+        raise IndexError(f"cache slots must lie in [0, {keys.shape[2]})")
     return q

@@ -117,6 +117,8 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads:
 def rotary_qkv_to_cache_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
                                   n_kv_heads: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
                                   ) -> torch.Tensor:
+    if not slots.is_cuda and len(slots) and (int(slots.min()) < 0 or int(slots.max()) >= keys.shape[2]):
+        raise IndexError(f"cache slots must lie in [0, {keys.shape[2]})")  # before index_copy_ writes some
     q, k, v = rotary_qkv_reference(qkv, cos, sin, n_heads, n_kv_heads)
     keys.index_copy_(2, slots, k.to(keys.dtype))
     values.index_copy_(2, slots, v.to(values.dtype))
@@ -128,7 +130,7 @@ def rotary_qkv_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     """`rotary_qkv` whose k and v go straight into a static KV cache: keys/values [B, KV, S, D] get token t's
     rows at slot slots[t]; returns q. One kernel on CUDA (instead of the rotation and two index copies: ~5 us
     of a synthetic 13B layer's ~120 us of attention on an H100). A slot outside [0, S) is an IndexError on the
-    CPU; on CUDA (checking would synchronise) its rows are dropped."""
+    CPU (nothing written); on CUDA (checking would synchronise) its rows are dropped."""
     batch, seq, width = qkv.shape
     if width % (n_heads + 2 * n_kv_heads) or (width // (n_heads + 2 * n_kv_heads)) % 2:
         raise ValueError(f"qkv width {width} is not (heads + 2 kv_heads) x an even head_dim")
@@ -139,8 +141,6 @@ def rotary_qkv_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if slots.shape != (seq,) or slots.dtype.is_floating_point or slots.dtype == torch.bool:
         raise ValueError(f"slots must be {seq} integer positions")
     slots = slots.to(qkv.device)
-    if not slots.is_cuda and seq and (int(slots.min()) < 0 or int(slots.max()) >= shape[2]):
-        raise IndexError(f"cache slots must lie in [0, {shape[2]})")
     if _use_triton(qkv):
         return _triton().rotary_qkv_to_cache(qkv, cos, sin, n_heads, n_kv_heads, keys, values, slots)
     if _use_numba(qkv, cos, sin, keys, values):
