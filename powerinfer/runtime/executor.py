@@ -158,7 +158,7 @@ class SplitFFN(nn.Module):
             # In CPU memory, read in scattered rows: huge pages spare a TLB miss per row (host_memory).
             if strategy == "predictor":
                 # each neuron's gate, up and down rows adjacent ([rows, 3, d]): an active neuron is one run of
-                # memory (the masked FFN of a synthetic 13B's cold layer: 160 -> 148 us, 16-thread H100 host,
+                # memory (the masked FFN of a synthetic 13B's cold layer: 161 -> 148 us, 16-thread H100 host,
                 # cold_ffn_bundled_h100.json)
                 bundle = huge_page_copy(torch.stack([gate[start:stop], up[start:stop], down], dim=1), dtype)
                 return list(bundle.unbind(1))
@@ -386,7 +386,8 @@ def _gate_up(x, gate, up, act):
     if (gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()
             and up.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr()  # not just adjacent
             and up.data_ptr() == gate.data_ptr() + gate.numel() * gate.element_size()):
-        gate_out, up_out = kernels.linear(x, torch.as_strided(gate, (2 * n, gate.shape[1]), (gate.shape[1], 1))).split(n, -1)
+        both = torch.as_strided(gate, (2 * n, gate.shape[1]), (gate.shape[1], 1))  # not gate.stride(): one row's is any
+        gate_out, up_out = kernels.linear(x, both).split(n, -1)
     else:
         gate_out, up_out = kernels.linear(x, gate), kernels.linear(x, up)
     return ffn_activation(gate_out, up_out, *act)
