@@ -167,6 +167,14 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean attention mask (True: may attend) as the additive one (0 / -inf) that
+    scaled_dot_product_attention would otherwise build from it in every layer: once per forward pass."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
@@ -248,6 +256,7 @@ class Transformer(nn.Module):
             mask = (offset >= 0) & (offset < self.args.sliding_window)
         else:
             mask = None  # plain causal attention
+        mask = additive_mask(mask, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, positions, cache, mask)
         if last_logits_only:

@@ -27,7 +27,7 @@ from torch import nn
 
 from powerinfer import kernels
 from powerinfer.kernels.dense import GEMV_MAX_TOKENS
-from powerinfer.models.llama import Linear, ffn_activation
+from powerinfer.models.llama import Linear, additive_mask, ffn_activation
 from powerinfer.runtime.host_memory import huge_page_copy
 
 MODES = ("hybrid", "gpu", "cpu", "dense", "offload")
@@ -479,7 +479,8 @@ class HybridTransformer(nn.Module):
             if device not in per_device:
                 pos = positions.to(device)
                 angles = pos.float()[:, None] * self.inv_freq[device][None, :]
-                mask = cache.attention_mask(pos) if cache is not None else None
+                dtype = self.plan.device_dtype(device)
+                mask = None if cache is None else additive_mask(cache.attention_mask(pos), dtype)
                 per_device[device] = (angles.cos(), angles.sin(), pos, mask)
             cos, sin, pos, mask = per_device[device]
             x = _move(x, device, self.plan.device_dtype(device), t)

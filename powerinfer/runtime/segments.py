@@ -33,6 +33,7 @@ import torch
 
 from powerinfer.kernels.fused import wait_for_host_flag
 from powerinfer.kernels.sparse_ffn import _triton_available
+from powerinfer.models.llama import additive_mask
 from powerinfer.runtime.executor import HybridTransformer, _cpu_time
 
 
@@ -105,8 +106,10 @@ class DecodeSegments:
 
     def _attention_part(self, block, ffn, x, pending):
         if self._rope is None:  # the first graph computes the rotary tables and mask for all layers
-            angles = self.position.float()[:, None] * self.model.inv_freq[self.model.plan.hot_device][None, :]
-            self._rope = (angles.cos(), angles.sin(), self.cache.attention_mask(self.position))
+            hot = self.model.plan.hot_device
+            angles = self.position.float()[:, None] * self.model.inv_freq[hot][None, :]
+            mask = additive_mask(self.cache.attention_mask(self.position), self.model.plan.device_dtype(hot))
+            self._rope = (angles.cos(), angles.sin(), mask)
         cos, sin, mask = self._rope
         # the previous layer's residual add fused with this layer's first norm
         x, normed = block.input_layernorm.add_then_norm(x, *self._outputs(pending))
