@@ -262,16 +262,18 @@ def row_stride(w: torch.Tensor) -> int | None:
 
 def _weight_array(w: torch.Tensor) -> tuple[np.ndarray, int]:
     """(array, k): the numba view of `w` whose row i * k is row i of `w` (`row_stride`)."""
-    # A silent .contiguous() here would copy the whole matrix on every call.
-    k = row_stride(w)
-    if k is None:
-        raise ValueError("weights must be [n_ff, d] tensors with one row per neuron: contiguous, or the slices "
-                         "of a [n_ff, k, d] neuron bundle")
     w = w.detach()
-    if k > 1:  # every row from the first to the last of w, those of the bundle's other slices included
-        w = torch.as_strided(w, ((w.shape[0] - 1) * k + 1, w.shape[1]), (w.shape[1], 1))
-    elif not w.is_contiguous():
-        w = w.contiguous()  # one row
+    k = 1
+    if not w.is_contiguous():  # (checked first: a decode step calls this dozens of times)
+        # A silent .contiguous() here would copy the whole matrix on every call.
+        k = row_stride(w)
+        if k is None:
+            raise ValueError("weights must be [n_ff, d] tensors with one row per neuron: contiguous, or the "
+                             "slices of a [n_ff, k, d] neuron bundle")
+        if k > 1:  # every row from the first to the last of w, those of the bundle's other slices included
+            w = torch.as_strided(w, ((w.shape[0] - 1) * k + 1, w.shape[1]), (w.shape[1], 1))
+        else:
+            w = w.contiguous()  # one row
     return (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).numpy(), k
 
 

@@ -32,7 +32,7 @@ def use_gemv_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     return (_cpu_kernels is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype in (torch.float32, torch.bfloat16) and 0 < rows <= GEMV_MAX_TOKENS
-            and _cpu_kernels.row_stride(weight) is not None  # contiguous, or a neuron bundle's slice
+            and (weight.is_contiguous() or _cpu_kernels.row_stride(weight) is not None)  # or a bundle's slice
             and not torch.is_grad_enabled())
 
 
