@@ -158,7 +158,8 @@ def main():
     def kernel(layer, bundle=False):
         op = layer.bundle if bundle else layer.op
         partial = np.zeros((args.threads, 1, args.d), np.float32)
-        arrays = (layer.x.numpy(), *op.weights, layer.mask.numpy(), op.stride, op.code, op.threshold, partial, layer.out.numpy())
+        arrays = (layer.x.numpy(), *op.weights, layer.mask.numpy(), op.stride, op.code, op.threshold, partial,
+                  layer.out.numpy())
         return lambda: cpu._masked_ffn_kernel(*arrays)
 
     def gather_read(layer, bundle=False):

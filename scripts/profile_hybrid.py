@@ -5,7 +5,8 @@ budget and decodes greedily. It reports the plain decode rate (with CUDA-graph s
 graphs queued ahead of the CPU, and launched layer by layer), then wraps three executor phases with
 perf_counter (host waiting for the GPU's attention + predictor + copies; the CPU's cold FFN; staging its
 output) and prints per-token milliseconds of each and of the rest (Python and kernel launches), then a
-torch.profiler table of a few decode steps and where the GPU time of those goes. Without a GPU it is a dry run with the hot half on the CPU.
+torch.profiler table of a few decode steps and where the GPU time of those goes. Without a GPU it is a dry
+run with the hot half on the CPU.
 
     python scripts/profile_hybrid.py [--shape llama2-7b] [--vram-budget 8] [--threads 16] [--json FILE]
 """
