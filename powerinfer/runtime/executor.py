@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 from torch import nn
@@ -474,7 +475,8 @@ class HybridTransformer(nn.Module):
         """The hidden states after layers [start, n) (each on its own device), from x before layer `start`."""
         t = self.timer
         per_device = {}
-        for block, ffn, layer in zip(self.attention_layers[start:], self.ffns[start:], self.plan.layers[start:]):
+        # islice, not [start:]: slicing a ModuleList builds a new one (2-core VM: 33 us for 4 layers, 87 for 30)
+        for block, ffn, layer in islice(zip(self.attention_layers, self.ffns, self.plan.layers), start, None):
             device = layer.attention_device
             if device not in per_device:
                 pos = positions.to(device)
