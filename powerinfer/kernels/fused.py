@@ -101,12 +101,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def _head_dim(width: int, n_heads: int, n_kv_heads: int) -> int:
+    """The head dimension of a fused q/k/v projection `width` wide; a width that cannot be one is an error."""
+    if width % (n_heads + 2 * n_kv_heads) or (width // (n_heads + 2 * n_kv_heads)) % 2:
+        raise ValueError(f"qkv width {width} is not (heads + 2 kv_heads) x an even head_dim")
+    return width // (n_heads + 2 * n_kv_heads)
+
+
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [B, H, T, D] and k [B, KV, T, D] rotated, v [B, KV, T, D] (a view), from the fused projection
     qkv [B, T, (H + 2 KV) D]; cos/sin: float32 [T, D/2]. One kernel for q and k on CUDA."""
-    if qkv.shape[-1] % (n_heads + 2 * n_kv_heads) or (qkv.shape[-1] // (n_heads + 2 * n_kv_heads)) % 2:
-        raise ValueError(f"qkv width {qkv.shape[-1]} is not (heads + 2 kv_heads) x an even head_dim")
+    _head_dim(qkv.shape[-1], n_heads, n_kv_heads)
     if _use_triton(qkv):
         return _triton().rotary_qkv(qkv, cos, sin, n_heads, n_kv_heads)
     if _use_numba(qkv, cos, sin):
@@ -132,9 +138,7 @@ def rotary_qkv_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     of a synthetic 13B layer's ~120 us of attention on an H100). A slot outside [0, S) is an IndexError on the
     CPU (nothing written); on CUDA (checking would synchronise) its rows are dropped."""
     batch, seq, width = qkv.shape
-    if width % (n_heads + 2 * n_kv_heads) or (width // (n_heads + 2 * n_kv_heads)) % 2:
-        raise ValueError(f"qkv width {width} is not (heads + 2 kv_heads) x an even head_dim")
-    shape = (batch, n_kv_heads, keys.shape[2] if keys.dim() == 4 else -1, width // (n_heads + 2 * n_kv_heads))
+    shape = (batch, n_kv_heads, keys.shape[2] if keys.dim() == 4 else -1, _head_dim(width, n_heads, n_kv_heads))
     for cache in (keys, values):
         if tuple(cache.shape) != shape or not cache.is_contiguous() or cache.device != qkv.device:
             raise ValueError(f"keys and values must be contiguous {list(shape)} tensors on {qkv.device}")
