@@ -148,9 +148,10 @@ def build_artifact(opts: BuildOptions) -> dict:
     chosen = choose_strategy(curve, opts.max_ppl_increase)
     t = stage("strategy", t)
 
-    if chosen.strategy == "predictor":
+    if chosen.strategy == "predictor":  # the chosen recall target may be stricter than --recall
+        reports = [report.at(chosen.parameter) for report in reports]
         for predictor, report in zip(predictors, reports):
-            predictor.threshold.fill_(report.thresholds[str(chosen.parameter)])
+            predictor.threshold.fill_(report.threshold)
     frequencies = [layer.frequency[order] for layer, order in zip(profile.layers, orders)]
     placement = plan_placement(
         args.to_config(), frequencies, vram_budget_bytes=int(opts.vram_budget_gib * GiB), strategy=chosen.strategy,

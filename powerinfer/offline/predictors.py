@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -81,12 +81,19 @@ class LayerReport:
     sparsity: float  # true sparsity of the held-out tokens
     threshold: float
     parameters: int  # size in 16-bit words (a low-rank predictor's parameter count)
-    thresholds: dict = field(default_factory=dict)  # recall target -> logit threshold
+    thresholds: dict = field(default_factory=dict)  # str(recall target) -> logit threshold
+    points: dict = field(default_factory=dict)  # str(recall target) -> (recall, precision, predicted sparsity)
     tried: list = field(default_factory=list)  # per candidate: kind, rank, predicted_sparsity, cost
     kind: str = ActivationPredictor.kind
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items()}
+
+    def at(self, target: float) -> LayerReport:
+        """This report at another of its measured recall targets (threshold and held-out metrics)."""
+        recall, precision, predicted_sparsity = self.points[str(target)]
+        return replace(self, threshold=self.thresholds[str(target)], recall=recall, precision=precision,
+                       predicted_sparsity=predicted_sparsity)
 
 
 def calibrate_thresholds(active_logits: torch.Tensor, recalls) -> dict[float, float]:
@@ -174,6 +181,7 @@ class _Candidate:
     precision: float
     predicted_sparsity: float
     thresholds: dict  # str(recall target) -> threshold, the targets of `recall_targets`
+    points: dict  # str(recall target) -> (recall, precision, predicted sparsity) at that threshold
 
 
 def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: float = 0.95,
@@ -213,8 +221,9 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
             logits = predictor(held_inputs)
         thresholds = calibrate_thresholds(logits[held_labels], targets)
         threshold = thresholds[recall]
-        return _Candidate(predictor, logits, threshold, *_metrics(logits, held_labels, threshold),
-                          {str(t): v for t, v in thresholds.items()})
+        points = {str(t): _metrics(logits, held_labels, v) for t, v in thresholds.items()}
+        return _Candidate(predictor, logits, threshold, *points[str(recall)],
+                          {str(t): v for t, v in thresholds.items()}, points)
 
     best, tried = None, []
 
@@ -227,7 +236,7 @@ def train_layer_predictor(inputs: torch.Tensor, labels: torch.Tensor, recall: fl
         if best is None or cost < best[0]:
             report = LayerReport(rank, candidate.recall, candidate.precision, candidate.predicted_sparsity,
                                  1 - held_labels.float().mean().item(), candidate.threshold, size,
-                                 candidate.thresholds, kind=kind)
+                                 candidate.thresholds, candidate.points, kind=kind)
             best = (cost, candidate.predictor.eval(), report)
         return cost
 
