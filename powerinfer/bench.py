@@ -152,11 +152,11 @@ def bytes_per_token(model, active: tuple[float, float] | None, position: int) ->
         if ffn.predictor is not None:
             for p in (*ffn.predictor.parameters(), *ffn.predictor.buffers()):
                 add(p.device, _nbytes(p))
-        for rows, n_active in ((ffn.hot, hot), (ffn.cold, cold)):
+        for rows, n_active, scales in ((ffn.hot, hot, None), (ffn.cold, cold, ffn.cold_scales)):
             if rows is None:
                 continue
             gate = rows[0]
-            row = d * gate.element_size()
+            row = d * gate.element_size() + (4 if scales is not None else 0)
             every, when_active = {"predictor": (0, 3), "exact-sparse-down": (2, 1), "dense": (3, 0)}[
                 layer.strategy]
             add(gate.device, every * gate.shape[0] * row + when_active * n_active * row)

@@ -421,6 +421,52 @@ def test_bfloat16_cpu_rows_equal_dense_with_those_rows_rounded(relu_model, mode,
     torch.testing.assert_close(_logits(run, ids), want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode,n_hot", [("cpu", None), ("hybrid", [101, 7, 1])])
+def test_int8_cpu_rows_equal_dense_with_those_rows_quantized(relu_model, mode, n_hot):
+    """cold_dtype=int8 stores the predicted-sparse FFN's CPU rows as int8 with one scale per row, computed in
+    float32: the dense model whose CPU rows were quantized so (down by its columns: a neuron's row of down.T)
+    and, in `cpu` mode, whose attention matrices and LM head were rounded to bfloat16."""
+    from powerinfer.kernels import dequantize_rows_int8, quantize_rows_int8
+
+    def quantized(w):
+        return dequantize_rows_int8(*quantize_rows_int8(w))
+
+    ids = torch.randint(0, 256, (16,)).tolist()
+    dense = load_model(relu_model)
+    with torch.no_grad():
+        for block, hot in zip(dense.model.layers, n_hot or [0] * 3):
+            n_ff = block.mlp.down_proj.weight.shape[1]
+            gate_up, down = block.mlp.gate_up_proj.weight, block.mlp.down_proj.weight
+            for rows in (gate_up[hot:n_ff], gate_up[n_ff + hot:]):
+                rows.copy_(quantized(rows))
+            down[:, hot:] = quantized(down[:, hot:].T).T
+            if mode == "cpu":
+                for w in (block.self_attn.qkv_proj.weight, block.self_attn.o_proj.weight):
+                    w.copy_(w.to(torch.bfloat16).float())
+        if mode == "cpu":
+            head = dense.model.lm_head
+            head.weight = torch.nn.Parameter(head.weight.to(torch.bfloat16).float(), requires_grad=False)
+    want = _logits(dense, ids)
+    placement = _placement(3, n_hot) if n_hot else None
+    run = build_executor(load_model(relu_model), mode, "cpu", _oracles(dense), placement, cold_dtype=torch.int8)
+    assert all(ffn.cold is None or ffn.cold[0].dtype == torch.int8 for ffn in run.model.ffns)
+    matrices = {run.model.attention_layers[0].self_attn.qkv_proj.weight.dtype, run.model.lm_head.weight.dtype}
+    assert matrices == {torch.bfloat16 if mode == "cpu" else torch.float32}
+    torch.testing.assert_close(_logits(run, ids), want, atol=2e-5, rtol=1e-5)
+
+
+def test_int8_cpu_rows_are_refused_where_no_int8_kernel_runs(relu_model):
+    import powerinfer
+    from powerinfer.errors import PowerInferError
+
+    for mode, strategy in (("offload", "predictor"), ("dense", "predictor"), ("cpu", "exact-sparse-down")):
+        with pytest.raises(ValueError, match="int8 CPU weights"):
+            build_executor(load_model(relu_model), mode, "cpu", offload_layers=1, strategy=strategy,
+                           cold_dtype=torch.int8)
+    with pytest.raises(PowerInferError, match="cpu_dtype int8 is for the predicted-sparse FFN"):
+        powerinfer.load(str(relu_model), cpu_dtype="int8")  # a plain checkpoint runs dense
+
+
 def test_offload_with_bfloat16_cpu_rows_equals_dense_with_them_rounded(relu_model):
     """offload's CPU layers are dense: their bfloat16 FFN matrices go through the GEMV, down in the model's
     layout (prefill: a widened copy). (Their attention matrices turn bfloat16 only off the hot device: CUDA test.)"""

@@ -10,8 +10,10 @@ from powerinfer.kernels.activations import ACTIVATIONS
 from powerinfer.kernels.quantized import dequantize_int4, int4_gemv, int4_gemv_reference, quantize_int4
 from powerinfer.kernels.sparse_ffn import (
     compact_active,
+    dequantize_rows_int8,
     masked_ffn,
     masked_ffn_reference,
+    quantize_rows_int8,
     select_backend,
     should_use_dense,
     sparse_down,
@@ -241,6 +243,49 @@ def test_cpu_kernels_read_a_neuron_bundle_as_separate_rows(n_tokens, weight_dtyp
                 lambda w: masked_ffn(x, *w, mask, "relu", use_kernel=True)[0],
                 lambda w: cpu.dense_gemv(x, w[1])):
         torch.testing.assert_close(run(bundled), run(weights), **F32_TOL)
+
+
+def test_int8_rows_round_trip_within_half_a_step():
+    w = torch.randn(53, 41) * torch.logspace(-3, 2, 53)[:, None]
+    w[7] = 0
+    q, scales = quantize_rows_int8(w)
+    assert q.dtype == torch.int8 and scales.shape == (53,) and scales[7] == 0
+    assert torch.all((dequantize_rows_int8(q, scales) - w).abs() <= scales[:, None] / 2 * (1 + 1e-5))
+    assert torch.all(q.abs().amax(dim=1)[scales > 0] == 127)
+
+
+@needs_numba
+@pytest.mark.usefixtures("cpu_path")
+@pytest.mark.parametrize("bundled", [False, True])
+@pytest.mark.parametrize("n_tokens", [1, 3])
+@pytest.mark.parametrize("set_name", SET_NAMES)
+def test_cpu_masked_ffn_of_int8_rows_equals_the_reference(set_name, n_tokens, bundled):
+    """int8 rows with one scale per row (`--cpu-dtype int8`), contiguous or bundled per neuron: the kernel equals
+    the reference over the dequantized rows, for every activation."""
+    x, weights = make_ffn(D, N_FF, n_tokens, seed=11)
+    quantized = [quantize_rows_int8(w) for w in weights]
+    rows, scales = [q for q, _ in quantized], [s for _, s in quantized]
+    if bundled:
+        rows, scales = torch.stack(rows, dim=1).unbind(1), torch.stack(scales, dim=1).unbind(1)
+    mask = torch.zeros(N_FF, dtype=torch.bool)
+    mask[active_sets(N_FF, torch.Generator().manual_seed(12))[set_name].long()] = True
+    for activation in ACTIVATIONS:
+        y, k = masked_ffn(x, *rows, mask, activation, scales=scales, use_kernel=True)
+        want, k_want = masked_ffn_reference(x, *rows, mask, activation, scales=scales)
+        assert k == k_want == int(mask.sum())
+        torch.testing.assert_close(y, want, **F32_TOL)
+
+
+def test_int8_rows_need_their_scales():
+    x, weights = make_ffn(D, N_FF, 1, seed=0)
+    rows = [quantize_rows_int8(w)[0] for w in weights]
+    mask = torch.ones(N_FF, dtype=torch.bool)
+    with pytest.raises(ValueError, match="row scales"):
+        masked_ffn(x, *rows, mask, "relu")
+    with pytest.raises(ValueError, match="row scales"):
+        masked_ffn(x, *weights, mask, "relu", scales=[torch.ones(N_FF)] * 3)
+    with pytest.raises(ValueError, match=f"\\[{N_FF}\\] float32"):
+        masked_ffn(x, *rows, mask, "relu", scales=[torch.ones(N_FF + 1)] * 3)
 
 
 @needs_numba

@@ -46,10 +46,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_cpu_dtype_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpu-dtype", choices=["float32", "bfloat16"], default=None,
+    p.add_argument("--cpu-dtype", choices=["float32", "bfloat16", "int8"], default=None,
                    help="dtype of the weight matrices kept in CPU memory by hybrid/cpu/offload, and of a dense model's "
                         "linear layers on the CPU (default: bfloat16 when the GPU holds the rest, else float32; bfloat16 "
-                        "halves the bytes the CPU streams per token)")
+                        "halves the bytes the CPU streams per token; int8: the predicted-sparse FFN's CPU rows with one "
+                        "scale per row, the other CPU matrices bfloat16, for artifacts of the predictor strategy)")
 
 
 def add_predictor_arguments(p: argparse.ArgumentParser) -> None:

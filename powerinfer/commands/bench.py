@@ -155,9 +155,10 @@ def run(args) -> int:
         executor = {"dense-gpu": "dense", "dense-cpu": "dense"}.get(mode, mode)
         budget = args.vram_budget if executor in ("hybrid", "offload") else None
         dtype = gpu_dtype if device == "cuda" else "float32"
+        # int8 applies to the predicted-sparse FFN only: the dense baselines keep their default
+        cpu_dtype = None if args.cpu_dtype == "int8" and executor in ("dense", "offload") else args.cpu_dtype
         return powerinfer.load(model_ref, device=device, dtype=dtype, context=context, mode=executor,
-                               cpu_dtype=args.cpu_dtype,
-                               vram_budget=budget)
+                               cpu_dtype=cpu_dtype, vram_budget=budget)
 
     config = checkpoint.config
     report = {**environment(cuda), "model": {

@@ -32,8 +32,10 @@ more than two threads), where waking the thread pool costs more than the work.
 Weights may be float32 or bfloat16. numba has no 16-bit float arithmetic, so bfloat16
 weights arrive as their raw int16 bit patterns (half the bytes to stream) and each element
 is widened where it is used: a bfloat16 is the upper half of a float32, so a shift and a
-bit cast (an LLVM intrinsic) that vectorise with the loop. Activations, accumulation and
-outputs are float32.
+bit cast (an LLVM intrinsic) that vectorise with the loop. The masked FFN also takes int8
+rows with one float32 scale per row (``sparse_ffn.quantize_rows_int8``): a row's dot product
+is summed over the widened integers and scaled once. Activations, accumulation and outputs
+are float32.
 
 Each kernel compiles one signature per weight dtype (C-contiguous float32 2-D
 ``x``/``h``/``out``, int64 indices) to keep JIT time low; the wrappers normalise their
@@ -112,26 +114,41 @@ def _weight(row, i):
 @overload(_weight, inline="always")
 def _weight_impl(row, i):
     # Chosen at compile time from the weight dtype: float32 rows are read as they are; int16 rows hold
-    # bfloat16 bits.
+    # bfloat16 bits; int8 rows are quantized, their row's scale applied by the caller (`_scale`).
     if row.dtype == nb_types.float32:
         return lambda row, i: row[i]
+    if row.dtype == nb_types.int8:
+        return lambda row, i: np.float32(row[i])
     return lambda row, i: _bfloat16_to_float32(row[i])
 
 
+def _scale(scales, row):
+    """The scale of weight row `row` (int8 rows), 1 without scales."""
+
+
+@overload(_scale, inline="always")
+def _scale_impl(scales, row):
+    # None (float rows) at compile time: a constant 1 that folds into the products
+    if isinstance(scales, nb_types.NoneType):
+        return lambda scales, row: np.float32(1.0)
+    return lambda scales, row: scales[row]
+
+
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _gated_dot(x_t, gate_row, up_row, code, threshold):
+def _gated_dot(x_t, gate_row, up_row, gate_scale, up_scale, code, threshold):
     """act(x_t . gate_row) * (x_t . up_row): one token, one neuron, both rows streamed once."""
     gate = np.float32(0.0)
     up = np.float32(0.0)
     for i in range(x_t.shape[0]):
         gate += x_t[i] * _weight(gate_row, i)
         up += x_t[i] * _weight(up_row, i)
-    return _gated(gate, up, code, threshold)
+    return _gated(gate * gate_scale, up * up_scale, code, threshold)
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _gated_dot_pair(x_t, gate0, up0, gate1, up1, code, threshold):
-    """`_gated_dot` of two neurons in one pass: four row streams in flight instead of two."""
+def _gated_dot_pair(x_t, gate0, up0, gate1, up1, scales, code, threshold):
+    """`_gated_dot` of two neurons in one pass: four row streams in flight instead of two (`scales`: of the
+    gate and up rows of both)."""
     g0 = np.float32(0.0)
     u0 = np.float32(0.0)
     g1 = np.float32(0.0)
@@ -142,24 +159,29 @@ def _gated_dot_pair(x_t, gate0, up0, gate1, up1, code, threshold):
         u0 += xi * _weight(up0, i)
         g1 += xi * _weight(gate1, i)
         u1 += xi * _weight(up1, i)
-    return _gated(g0, u0, code, threshold), _gated(g1, u1, code, threshold)
+    sg0, su0, sg1, su1 = scales
+    return _gated(g0 * sg0, u0 * su0, code, threshold), _gated(g1 * sg1, u1 * su1, code, threshold)
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _gated_rows(x, w_gate, w_up, ids, code, threshold, h):
+def _gated_rows(x, w_gate, w_up, s_gate, s_up, ids, code, threshold, h):
     """h[t, j] = the activation of neuron ids[j] for token t, two neurons per pass (a core's reads of
     scattered rows are latency-bound; the masked FFN over 107 of 6600 bfloat16 rows: 116 -> 98 us on the
-    2-core VM, 62-66 -> 49-65 us on the 16-thread H100 host)."""
+    2-core VM, 62-66 -> 49-65 us on the 16-thread H100 host). `s_gate`, `s_up`: row scales of int8 weights
+    (None for float rows)."""
     n_tokens, n = x.shape[0], ids.shape[0]
     j = 0
     while j + 2 <= n:
-        gate0, up0, gate1, up1 = w_gate[ids[j]], w_up[ids[j]], w_gate[ids[j + 1]], w_up[ids[j + 1]]
+        r0, r1 = ids[j], ids[j + 1]
+        gate0, up0, gate1, up1 = w_gate[r0], w_up[r0], w_gate[r1], w_up[r1]
+        scales = (_scale(s_gate, r0), _scale(s_up, r0), _scale(s_gate, r1), _scale(s_up, r1))
         for t in range(n_tokens):
-            h[t, j], h[t, j + 1] = _gated_dot_pair(x[t], gate0, up0, gate1, up1, code, threshold)
+            h[t, j], h[t, j + 1] = _gated_dot_pair(x[t], gate0, up0, gate1, up1, scales, code, threshold)
         j += 2
     if j < n:
+        r = ids[j]
         for t in range(n_tokens):
-            h[t, j] = _gated_dot(x[t], w_gate[ids[j]], w_up[ids[j]], code, threshold)
+            h[t, j] = _gated_dot(x[t], w_gate[r], w_up[r], _scale(s_gate, r), _scale(s_up, r), code, threshold)
 
 
 @njit(**_JIT)
@@ -167,19 +189,21 @@ def _gate_up_kernel(x, w_gate, w_up, idx, code, threshold, n_tasks, out):
     k = idx.shape[0]
     for task in prange(n_tasks):
         lo, hi = task * k // n_tasks, (task + 1) * k // n_tasks
-        _gated_rows(x, w_gate, w_up, idx[lo:hi], code, threshold, out[:, lo:hi])
+        _gated_rows(x, w_gate, w_up, None, None, idx[lo:hi], code, threshold, out[:, lo:hi])
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _accumulate_rows(acc, h, ids, start, stop, w_down_t):
+def _accumulate_rows(acc, h, ids, start, stop, w_down_t, s_down):
     """acc[t] += h[t, j] * w_down_t[ids[j]] for j in [start, stop): four rows per pass over acc (one
-    load/store of the accumulator per four FMAs)."""
+    load/store of the accumulator per four FMAs). `s_down`: row scales of int8 weights (None for float)."""
     n_tokens, d = acc.shape
     j = start
     while j + _DOWN_ROWS <= stop:
         r0, r1, r2, r3 = w_down_t[ids[j]], w_down_t[ids[j + 1]], w_down_t[ids[j + 2]], w_down_t[ids[j + 3]]
+        s0, s1 = _scale(s_down, ids[j]), _scale(s_down, ids[j + 1])
+        s2, s3 = _scale(s_down, ids[j + 2]), _scale(s_down, ids[j + 3])
         for t in range(n_tokens):
-            c0, c1, c2, c3 = h[t, j], h[t, j + 1], h[t, j + 2], h[t, j + 3]
+            c0, c1, c2, c3 = h[t, j] * s0, h[t, j + 1] * s1, h[t, j + 2] * s2, h[t, j + 3] * s3
             acc_t = acc[t]
             for c in range(d):
                 acc_t[c] += (c0 * _weight(r0, c) + c1 * _weight(r1, c) + c2 * _weight(r2, c)
@@ -187,8 +211,9 @@ def _accumulate_rows(acc, h, ids, start, stop, w_down_t):
         j += _DOWN_ROWS
     while j < stop:
         row = w_down_t[ids[j]]
+        scale = _scale(s_down, ids[j])
         for t in range(n_tokens):
-            coeff = h[t, j]
+            coeff = h[t, j] * scale
             acc_t = acc[t]
             for c in range(d):
                 acc_t[c] += coeff * _weight(row, c)
@@ -215,7 +240,7 @@ def _down_kernel(h, w_down_t, idx, n_tasks, out):
     d = w_down_t.shape[1]
     partial = np.zeros((n_tasks, n_tokens, d), np.float32)
     for task in prange(n_tasks):
-        _accumulate_rows(partial[task], h, idx, task * k // n_tasks, (task + 1) * k // n_tasks, w_down_t)
+        _accumulate_rows(partial[task], h, idx, task * k // n_tasks, (task + 1) * k // n_tasks, w_down_t, None)
     _sum_partials(partial, out)
 
 
@@ -275,6 +300,14 @@ def _weight_array(w: torch.Tensor) -> tuple[np.ndarray, int]:
         else:
             w = w.contiguous()  # one row
     return (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).numpy(), k
+
+
+def _scale_array(scales: torch.Tensor, n_rows: int, k: int) -> np.ndarray:
+    """The numba view of int8 rows' scales ([n_rows] float32), indexed as their weights' array (`_weight_array`
+    with row stride k): for a bundle, a column of its [n_rows, k] scales."""
+    if scales.dtype != torch.float32 or scales.shape != (n_rows,) or n_rows > 1 and scales.stride(0) != k:
+        raise ValueError(f"row scales must be [{n_rows}] float32 with the weights' layout (row stride {k})")
+    return torch.as_strided(scales.detach(), ((n_rows - 1) * k + 1 if n_rows else 0,), (1,)).numpy()
 
 
 def _float32_array(t: torch.Tensor) -> np.ndarray:
@@ -516,8 +549,10 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> to
 
 
 @njit(**_JIT)
-def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, stride, code, threshold, partial, out):
-    """`partial`: [>= tasks, T, d] scratch for the tasks' partial outputs (one task per row of it, up to the
+def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, mask, stride, code, threshold, partial,
+                       out):
+    """`s_gate`, `s_up`, `s_down`: None for float weights, else the row scales of int8 ones, indexed as the
+    weights' rows. `partial`: [>= tasks, T, d] scratch for the tasks' partial outputs (one task per row of it, up to the
     number of active neurons), reused across calls: allocating and zeroing it per call cost ~10% of a
     7B layer's cold FFN with 16 threads. (Software prefetch of the next neuron's rows was tried: 10-35%
     slower on the 2-core VM and on the H100 host.)"""
@@ -539,7 +574,7 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, stride, code, threshold,
         # stays at zero never has its down row read)
         task_ids = ids[lo:hi]
         h = np.empty((n_tokens, hi - lo), np.float32)
-        _gated_rows(x, w_gate, w_up, task_ids, code, threshold, h)
+        _gated_rows(x, w_gate, w_up, s_gate, s_up, task_ids, code, threshold, h)
         rows = np.empty(hi - lo, np.int64)
         m = 0
         for j in range(hi - lo):
@@ -552,7 +587,7 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, mask, stride, code, threshold,
                 rows[m] = task_ids[j]
                 m += 1
         # pass 2: the down AXPY over the kept rows
-        _accumulate_rows(acc, h, rows, 0, m, w_down_t)
+        _accumulate_rows(acc, h, rows, 0, m, w_down_t, s_down)
     _sum_partials(partial[:n_tasks], out)
 
 
@@ -566,15 +601,22 @@ class MaskedFFN:
     little more (the per-call conversions and checks cost ~20 us on the H100 host's CPU, a seventh of a 7B
     layer's cold FFN)."""
 
-    def __init__(self, w_gate, w_up, w_down_t, activation: str, threshold: float = 0.0):
+    def __init__(self, w_gate, w_up, w_down_t, activation: str, threshold: float = 0.0, scales=None):
         arrays = [_weight_array(w) for w in (w_gate, w_up, w_down_t)]
         self.weights, strides = tuple(a for a, _ in arrays), {k for _, k in arrays}
         if len(strides) != 1:
             raise ValueError("gate, up and down rows must share one layout (contiguous, or one neuron bundle)")
         self.stride = strides.pop()  # 3 for a bundle [n_ff, 3, d]: an active neuron is one run of memory
         self.n_ff = w_gate.shape[0]
+        if (scales is not None) != (w_gate.dtype == torch.int8):
+            raise ValueError("int8 weights need their row scales (and only int8 weights take scales)")
+        self.scales = (None,) * 3 if scales is None else tuple(_scale_array(s, self.n_ff, self.stride)
+                                                              for s in scales)
         self.code, self.threshold = activation_code(activation), np.float32(threshold)
         self.neuron_bytes = 3 * self.weights[2].shape[1] * self.weights[2].itemsize
+        # the one-thread limit is in bytes of 16-bit rows: an int8 element costs a core the same widening work
+        # (2-core VM, 310 active int8 rows of d=4096 under the limit on one thread: 529 vs 464 us in bfloat16)
+        self._serial_bytes = 3 * self.weights[2].shape[1] * max(self.weights[2].itemsize, 2)
         self._partial = np.zeros((0, 0, 0), np.float32)
 
     def _arrays(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> tuple[np.ndarray, ...]:
@@ -593,11 +635,12 @@ class MaskedFFN:
 
     def _run(self, x: np.ndarray, mask: np.ndarray, out: np.ndarray) -> int:
         k = int(np.count_nonzero(mask))
-        tasks = 1 if _serial(self.neuron_bytes * k) else numba.get_num_threads()
+        tasks = 1 if _serial(self._serial_bytes * k) else numba.get_num_threads()
         if self._partial.shape[0] < tasks or self._partial.shape[1] != x.shape[0]:
             self._partial = np.zeros((numba.config.NUMBA_NUM_THREADS, *out.shape), np.float32)
         kernel = _masked_ffn_kernel_serial if tasks == 1 else _masked_ffn_kernel
-        kernel(x, *self.weights, mask, self.stride, self.code, self.threshold, self._partial[:tasks], out)
+        kernel(x, *self.weights, *self.scales, mask, self.stride, self.code, self.threshold,
+               self._partial[:tasks], out)
         return k
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None
@@ -611,11 +654,11 @@ class MaskedFFN:
         return functools.partial(self._run, *self._arrays(x, mask, out))
 
 
-def masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, *, threshold: float = 0.0,
+def masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, *, threshold: float = 0.0, scales=None,
                out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(y[T, d], k): the FFN over the k neurons whose `mask` entry is set, one pass over their rows
-    (float32 or bfloat16 weights)."""
-    return MaskedFFN(w_gate, w_up, w_down_t, activation, threshold)(x, mask.detach().contiguous(), out)
+    (float32 or bfloat16 weights, or int8 with `scales`: the gate, up and down rows' [n_ff] scales)."""
+    return MaskedFFN(w_gate, w_up, w_down_t, activation, threshold, scales)(x, mask.detach().contiguous(), out)
 
 
 # -- the small steps of a decoder layer (kernels/fused.py), float32 --------------------------------------------

@@ -222,32 +222,50 @@ def sparse_down(
     return _cpu_kernels.sparse_down(h[:, :active], w_down_t, idx[:active], out=out)
 
 
-def masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold: float = 0.0
+def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [n, d], scales float32 [n]) with w ~ q * scales[:, None]: symmetric, one scale per row, so
+    a neuron's row is its own run of bytes plus one float (rows of zeros get scale 0)."""
+    w = w.detach().float()
+    scales = w.abs().amax(dim=1) / 127
+    q = (w / scales.clamp_min(1e-30)[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_rows_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 [n, d] matrix that `q` and `scales` encode."""
+    return q.float() * scales.float()[:, None]
+
+
+def masked_ffn_reference(x, w_gate, w_up, w_down_t, mask, activation, threshold: float = 0.0, scales=None
                          ) -> tuple[torch.Tensor, int]:
-    """(y, k): the FFN over the k neurons whose bool `mask` entry is set (the two operators composed)."""
+    """(y, k): the FFN over the k neurons whose bool `mask` entry is set (the two operators composed);
+    int8 weights with their `scales` (gate, up, down: [n_ff] each) are dequantized first."""
+    if scales is not None:
+        w_gate, w_up, w_down_t = (dequantize_rows_int8(w, s) for w, s in zip((w_gate, w_up, w_down_t), scales))
     idx = mask.nonzero()[:, 0]
     h = sparse_gate_up_reference(x, w_gate, w_up, idx, activation, threshold=threshold)
     return sparse_down_reference(h, w_down_t, idx), idx.numel()
 
 
 def masked_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-               mask: torch.Tensor, activation: str, *, threshold: float = 0.0,
+               mask: torch.Tensor, activation: str, *, threshold: float = 0.0, scales=None,
                use_kernel: bool | None = None) -> tuple[torch.Tensor, int]:
     """(y[T, d], k): gate/up and down over the neurons set in `mask` ([n_ff] bool), k of them.
 
     On the CPU one numba pass streams each active neuron's three rows once (its down row only when its h
     is nonzero); this saves the id list and two dispatches per layer, which dominate small models.
-    Elsewhere: the reference. For the same weights on every call, `bind_masked_ffn`.
+    Elsewhere: the reference. For the same weights on every call, `bind_masked_ffn`. Weights: float, or int8
+    rows (`quantize_rows_int8`) with `scales`, the gate, up and down rows' scales ([n_ff] each).
     """
     _check_operands(x, (w_gate, w_up, w_down_t), None, w_gate.shape[1])
     if mask.dtype != torch.bool or mask.shape != (w_gate.shape[0],):
         raise ValueError(f"mask must be a [{w_gate.shape[0]}] bool tensor")
-    return bind_masked_ffn(w_gate, w_up, w_down_t, activation, threshold=threshold, use_kernel=use_kernel,
-                           input_dtype=x.dtype)(x, mask.contiguous())
+    return bind_masked_ffn(w_gate, w_up, w_down_t, activation, threshold=threshold, scales=scales,
+                           use_kernel=use_kernel, input_dtype=x.dtype)(x, mask.contiguous())
 
 
 def bind_masked_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, activation: str, *,
-                    threshold: float = 0.0, use_kernel: bool | None = None,
+                    threshold: float = 0.0, scales=None, use_kernel: bool | None = None,
                     input_dtype: torch.dtype = torch.float32):
     """`masked_ffn` with its weights fixed, for a decode step's every layer: a callable
     (x, mask, out=None) -> (y, k) whose checks and weight views are made once, `count(mask)` -> k, and
@@ -257,9 +275,26 @@ def bind_masked_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Te
     _check_operands(w_gate.new_empty(0, w_gate.shape[1]), (w_gate, w_up, w_down_t), None, w_gate.shape[1])
     check_gate_threshold(activation, threshold)
     probe = torch.empty(0, device=w_gate.device, dtype=input_dtype)
+    if scales is not None or w_gate.dtype == torch.int8:
+        _check_row_scales((w_gate, w_up, w_down_t), scales)
+        if (use_kernel is not False and _cpu_kernels is not None and w_gate.device.type == "cpu"
+                and input_dtype == torch.float32):
+            return _cpu_kernels.MaskedFFN(w_gate, w_up, w_down_t, activation, threshold, scales)
+        if use_kernel:
+            raise RuntimeError(f"no fast int8 kernel for {w_gate.device.type} weights and {input_dtype} inputs")
+        weights = (dequantize_rows_int8(w, s).to(input_dtype) for w, s in zip((w_gate, w_up, w_down_t), scales))
+        return _ReferenceMaskedFFN(*weights, activation, threshold)
     if select_backend(probe, w_gate, w_up, w_down_t, use_kernel=use_kernel) == "numba":
         return _cpu_kernels.MaskedFFN(w_gate, w_up, w_down_t, activation, threshold)
     return _ReferenceMaskedFFN(w_gate, w_up, w_down_t, activation, threshold)
+
+
+def _check_row_scales(weights: tuple[torch.Tensor, ...], scales) -> None:
+    if any(w.dtype != torch.int8 for w in weights) or scales is None or len(scales) != 3:
+        raise ValueError("int8 weights go with their row scales (gate, up, down), and scales with int8 weights")
+    for s in scales:
+        if s.dtype != torch.float32 or s.shape != (weights[0].shape[0],):
+            raise ValueError(f"row scales must be [{weights[0].shape[0]}] float32 tensors")
 
 
 class _ReferenceMaskedFFN:
@@ -312,6 +347,8 @@ def set_num_threads(n: int) -> None:
 __all__ = [
     "ACTIVATIONS",
     "bind_masked_ffn",
+    "dequantize_rows_int8",
+    "quantize_rows_int8",
     "compact_active",
     "compact_active_reference",
     "masked_ffn",

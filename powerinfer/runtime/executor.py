@@ -60,8 +60,9 @@ class ExecutionPlan:
     layers: list[LayerPlan]
     embed_device: torch.device
     head_device: torch.device
-    # weight matrices in CPU memory (cold FFN rows; attention and LM head kept off the hot device): float32, or bfloat16
-    # (half the bytes to stream; the numba kernels widen each element)
+    # weight matrices in CPU memory (cold FFN rows; attention and LM head kept off the hot device): float32, bfloat16
+    # (half the bytes to stream; the numba kernels widen each element), or int8: the predicted-sparse FFN's rows
+    # quantized with one scale per row (a quarter of float32's bytes), every other matrix bfloat16
     cold_dtype: torch.dtype = torch.float32
 
     def device_dtype(self, device: torch.device) -> torch.dtype:
@@ -71,7 +72,12 @@ class ExecutionPlan:
     def matrix_dtype(self, device: torch.device) -> torch.dtype:
         """Of attention and LM-head weight matrices on `device`: the CPU weight dtype off the hot device, and in
         `cpu` mode, where every matrix is in CPU memory."""
-        return self.hot_dtype if device == self.hot_device and self.mode != "cpu" else self.cold_dtype
+        return self.hot_dtype if device == self.hot_device and self.mode != "cpu" else self.cold_float_dtype
+
+    @property
+    def cold_float_dtype(self) -> torch.dtype:
+        """Of CPU matrices without an int8 kernel: bfloat16 where the FFN rows are int8."""
+        return torch.bfloat16 if self.cold_dtype == torch.int8 else self.cold_dtype
 
 
 class NeuronCounts:
@@ -130,10 +136,15 @@ class SplitFFN(nn.Module):
         # 2-core VM: 5.4 vs 8.0 ms per token; LLaMA-2-7B/13B shapes, 16-thread H100 host: ~10%)
         gate, up, strategy = gate_up[:n_ff], gate_up[n_ff:], layer.strategy
         self.hot = self._rows(gate, up, down, 0, self.n_hot, plan.hot_device, plan.hot_dtype, strategy)
-        self.cold = self._rows(gate, up, down, self.n_hot, n_ff, CPU, plan.cold_dtype, strategy)
+        self.cold_scales = None  # of int8 cold rows: the gate, up and down rows' [rows] scales
+        if plan.cold_dtype == torch.int8 and strategy == "predictor" and self.n_hot < n_ff:
+            self.cold, self.cold_scales = self._int8_rows(gate, up, down, self.n_hot, n_ff)
+        else:  # int8 kernels exist for the masked FFN only: the other strategies' rows stay bfloat16
+            self.cold = self._rows(gate, up, down, self.n_hot, n_ff, CPU, plan.cold_float_dtype, strategy)
         self.predictor, self._cold_ffn = None, None
         if layer.strategy == "predictor" and self.cold is not None:
-            self._cold_ffn = kernels.bind_masked_ffn(*self.cold, activation, threshold=threshold)
+            self._cold_ffn = kernels.bind_masked_ffn(*self.cold, activation, threshold=threshold,
+                                                     scales=self.cold_scales)
         if layer.strategy == "predictor":
             if predictor is None:
                 raise ValueError("the predictor strategy needs a predictor")
@@ -171,6 +182,15 @@ class SplitFFN(nn.Module):
             return [gate_up[:n], gate_up[n:], huge_page_copy(down, dtype)]
         # contiguous on the host first: a strided copy on the GPU would briefly hold the rows twice
         return [t.contiguous().to(device=device, dtype=dtype) for t in (gate[start:stop], up[start:stop], down)]
+
+    @staticmethod
+    def _int8_rows(gate, up, down, start, stop):
+        """Neurons [start, stop) as a CPU bundle of int8 rows ([rows, 3, d], like `_rows`' predictor bundle) and
+        the rows' scales (kernels.quantize_rows_int8)."""
+        quantized = [kernels.quantize_rows_int8(w[start:stop]) for w in (gate, up, down.T)]
+        bundle = huge_page_copy(torch.stack([q for q, _ in quantized], dim=1))
+        scales = torch.stack([s for _, s in quantized], dim=1)
+        return list(bundle.unbind(1)), list(scales.unbind(1))
 
     def _bind_cpu_decode(self):
         """One token through a layer whose rows are all in CPU memory, over fixed buffers: the predictor and
@@ -346,7 +366,7 @@ class SplitFFN(nn.Module):
             self.counts.cold += k
             if k == 0:
                 return None
-            if kernels.should_use_dense(k, gate.shape[0], x_host.shape[0]):
+            if self.cold_scales is None and kernels.should_use_dense(k, gate.shape[0], x_host.shape[0]):
                 return _dense_rows(x_host, gate, up, down_t, self._act, mask_host)
             return self._cold_ffn(x_host, mask_host, out)[0]
         # exact-sparse-down: exact gate/up over every row, down over those that pass the threshold
@@ -573,6 +593,9 @@ def build_executor(loaded, mode: str, hot_device="cuda", predictors: list | None
     float32. In `dense` mode on the CPU it sets the linear layers' weights (None: the model's dtype)."""
     import dataclasses
 
+    if cold_dtype == torch.int8 and (mode in ("dense", "offload") or strategy != "predictor"):
+        raise ValueError("int8 CPU weights are for the predicted-sparse FFN's rows (hybrid, gpu and cpu modes of a "
+                         "predictor-strategy artifact); use float32 or bfloat16")
     if mode == "dense":
         device = torch.device(hot_device)
         dtype = hot_dtype or loaded.dtype
@@ -584,8 +607,8 @@ def build_executor(loaded, mode: str, hot_device="cuda", predictors: list | None
     hot_dtype = hot_dtype or (torch.float16 if hot_device.type == "cuda" else torch.float32)
     if cold_dtype is None:
         cold_dtype = torch.bfloat16 if hot_device.type == "cuda" and mode != "cpu" else torch.float32
-    if cold_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"CPU FFN rows must be float32 or bfloat16, got {cold_dtype}")
+    if cold_dtype not in (torch.float32, torch.bfloat16, torch.int8):
+        raise ValueError(f"CPU FFN rows must be float32, bfloat16 or int8, got {cold_dtype}")
     plan = plan_for_mode(mode, loaded.args, hot_device, hot_dtype, placement, offload_layers, strategy,
                          layer_params, cold_dtype)
     if mode != "offload" and strategy == "predictor" and predictors is None:
