@@ -22,9 +22,7 @@ host):
   arithmetic, the reduction or the mask scan;
 - `bundle_read`, `bound_bundled`, `kernel_bundled`: the same over the rows bundled per neuron ([rows, 3, d]: a
   neuron's gate, up and down rows adjacent, as the executor keeps CPU rows);
-- `bound_int8`, `kernel_int8`: the bundle quantized to int8 with one scale per row (`--cpu-dtype int8`: half
-  the bytes);
-and reports each as GB/s of its active-row bytes and % of the CPU streaming bandwidth measured in the same run.
+and reports each as GB/s of active-row bytes and % of the CPU streaming bandwidth measured in the same run.
 The active sets are drawn hot-first (neuron i active with probability falling as a power of i), as the
 artifact orders cold rows, or uniformly with --uniform.
 
@@ -47,14 +45,13 @@ from numba import njit, prange
 
 from powerinfer.bench import environment, measure_bandwidths
 from powerinfer.kernels import cpu
-from powerinfer.kernels.sparse_ffn import quantize_rows_int8
 from powerinfer.runtime.host_memory import huge_page_copy
 
 
 # one layer: its operator, the calls bound to its buffers (weights as allocated, and a huge-page copy), the
 # buffers, and the active sets written into `mask` in turn
 # `bundle`: the operator over the same rows bundled per neuron
-Layer = namedtuple("Layer", "op bound bound_hugepages bundle int8 x mask out masks")
+Layer = namedtuple("Layer", "op bound bound_hugepages bundle x mask out masks")
 
 
 @njit(parallel=True, cache=True)
@@ -141,12 +138,8 @@ def main():
         huge = cpu.MaskedFFN(*(huge_page_copy(w) for w in weights), "relu")  # same rows, 2 MB pages
         # each neuron's gate, up and down rows adjacent ([rows, 3, d], 2 MB pages), as the executor keeps them
         bundle = cpu.MaskedFFN(*huge_page_copy(torch.stack(weights, dim=1)).unbind(1), "relu")
-        quantized = [quantize_rows_int8(w) for w in weights]
-        int8 = cpu.MaskedFFN(*huge_page_copy(torch.stack([q for q, _ in quantized], dim=1)).unbind(1), "relu",
-                             scales=torch.stack([s for _, s in quantized], dim=1).unbind(1))
-        layers.append(Layer(op, op.bind(x, mask, out), huge.bind(x, mask, out), bundle, int8, x, mask, out, masks))
+        layers.append(Layer(op, op.bind(x, mask, out), huge.bind(x, mask, out), bundle, x, mask, out, masks))
     active_bytes = args.active * layers[0].op.neuron_bytes
-    int8_bytes = args.active * 3 * (args.d + 4)
 
     def calls(make, rotate=True):
         """One call per layer, each first writing the layer's next active set into its mask buffer."""
@@ -193,8 +186,6 @@ def main():
         "bundle_read": (calls(lambda layer: gather_read(layer, bundle=True)), 0.0),
         "bound_bundled": (calls(lambda layer: layer.bundle.bind(layer.x, layer.mask, layer.out)), 0.0),
         "kernel_bundled": (calls(lambda layer: kernel(layer, layer.bundle)), 0.0),
-        "bound_int8": (calls(lambda layer: layer.int8.bind(layer.x, layer.mask, layer.out)), 0.0),
-        "kernel_int8": (calls(lambda layer: kernel(layer, layer.int8)), 0.0),
         "kernel_again": (calls(kernel), 0.0),
         "bound_hugepages": (calls(lambda layer: layer.bound_hugepages), 0.0),
         "bound_again": (calls(lambda layer: layer.bound), 0.0),  # drift check
@@ -205,9 +196,8 @@ def main():
         us = per_call_us(made, args.repeats, gap)
         row = {"us_per_call": round(us, 1)}
         if not name.startswith(("fork_join", "flatnonzero")):
-            n_bytes = int8_bytes if name.endswith("int8") else active_bytes
-            row["gb_s"] = round(n_bytes / us / 1e3, 1)
-            row["pct_of_stream"] = round(100 * n_bytes / us / 1e3 / bandwidth, 1)
+            row["gb_s"] = round(active_bytes / us / 1e3, 1)
+            row["pct_of_stream"] = round(100 * active_bytes / us / 1e3 / bandwidth, 1)
         results[name] = row
         print(f"{name:>22}: {row}")
     ideal_us = active_bytes / bandwidth / 1e3
@@ -219,9 +209,8 @@ def main():
                   "numba_threading_layer": numba.threading_layer(),
                   "shape": {"d": args.d, "cold_rows": args.cold_rows, "active": args.active,
                             "layers": args.layers, "masks_per_layer": args.masks,
-                            "distribution": "uniform" if args.uniform else "hot-first",
-                            "dtype": "bfloat16 (int8 cases: int8 with a float32 scale per row)"},
-                  "active_bytes_per_call": active_bytes, "int8_active_bytes_per_call": int8_bytes, "cpu_stream_gb_s": bandwidth,
+                            "distribution": "uniform" if args.uniform else "hot-first", "dtype": "bfloat16"},
+                  "active_bytes_per_call": active_bytes, "cpu_stream_gb_s": bandwidth,
                   "ideal_us_per_call": round(ideal_us, 1), "results": results}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
