@@ -6,13 +6,16 @@ At batch 1 these steps move a few KB each, but written as PyTorch ops they are ~
 (RMSNorm alone: cast, square, mean, add, rsqrt, two multiplies, cast), each a launch of a few microseconds
 even inside a CUDA graph: on an H100 they were about half of the ~128 us the GPU spent per layer on
 attention in a synthetic-7B hybrid step, whose weights take ~45 us to stream. Fused, they are three
-kernels. On the CPU the same holds in a smaller way (numba kernels in ``cpu.py``, float32: the norms and
-rotations of SmolLM2's decode step took ~14% of it as torch ops on the 2-core VM). The references are the
-model's definitions (RMSNorm: Zhang & Sennrich 2019; rotary embedding in the rotate-half layout of Hugging
+kernels. On the CPU the same holds in a smaller way (the norms and rotations of SmolLM2's decode step took ~14%
+of it as separate torch ops on the 2-core VM): the rotation is a numba kernel (``cpu.py``), the norm torch's
+own fused `rms_norm`, which beat a numba kernel there at every token count (benchmarks/bench_cpu_step_ops.py:
+add + norm at d=576, one token 18 vs 25-50 us, 512 tokens 1.1 vs 1.8 ms). The references are the model's
+definitions (RMSNorm: Zhang & Sennrich 2019; rotary embedding in the rotate-half layout of Hugging
 Face `transformers`) and what runs under autograd.
 """
 
 import torch
+import torch.nn.functional as F
 
 from powerinfer.kernels.sparse_ffn import _cpu_kernels, _triton_available
 
@@ -28,9 +31,13 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and not torch.is_grad_enabled() and _triton_available()
 
 
+def _use_cpu_kernel(*tensors: torch.Tensor) -> bool:
+    """Float32 CPU tensors outside autograd: the fast CPU path (torch's fused norm, the numba rotation)."""
+    return not torch.is_grad_enabled() and all(t.is_cpu and t.dtype == torch.float32 for t in tensors)
+
+
 def _use_numba(*tensors: torch.Tensor) -> bool:
-    return (_cpu_kernels is not None and not torch.is_grad_enabled()
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
+    return _cpu_kernels is not None and _use_cpu_kernel(*tensors)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -53,11 +60,11 @@ def add_rms_norm_reference(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], we
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / rms(x) over the last dimension, computed in float32 (one kernel on CUDA)."""
+    """weight * x / rms(x) over the last dimension, computed in float32 (one kernel on CUDA and CPU)."""
     if _use_triton(x):
         return _triton().add_rms_norm(x, (), weight, eps)[1]
-    if _use_numba(x, weight):
-        return _cpu_kernels.add_rms_norm(x, (), weight, eps)[1]
+    if _use_cpu_kernel(x, weight):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
@@ -80,8 +87,10 @@ def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torc
         raise ValueError("copy_to must be a contiguous float32 tensor")
     if _use_triton(x):
         return _triton().add_rms_norm(x, deltas, weight, eps, copy_to)
-    if copy_to is None and _use_numba(x, weight, *deltas):
-        return _cpu_kernels.add_rms_norm(x, deltas, weight, eps)
+    if copy_to is None and _use_cpu_kernel(x, weight, *deltas):
+        for delta in deltas:
+            x = x + (delta if delta.shape == x.shape else delta.reshape(x.shape))
+        return x, F.rms_norm(x, (x.shape[-1],), weight, eps)
     return add_rms_norm_reference(x, deltas, weight, eps, copy_to)
 
 

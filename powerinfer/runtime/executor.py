@@ -139,7 +139,7 @@ class SplitFFN(nn.Module):
         self.cold_scales = None  # of int8 cold rows: the gate, up and down rows' [rows] scales
         if plan.cold_dtype == torch.int8 and strategy == "predictor" and self.n_hot < n_ff:
             self.cold, self.cold_scales = self._int8_rows(gate, up, down, self.n_hot, n_ff)
-        else:  # int8 kernels exist for the masked FFN only: the other strategies' rows stay bfloat16
+        else:  # (int8 only reaches here for a layer without CPU rows: build_executor refuses it elsewhere)
             self.cold = self._rows(gate, up, down, self.n_hot, n_ff, CPU, plan.cold_float_dtype, strategy)
         self.predictor, self._cold_ffn = None, None
         if layer.strategy == "predictor" and self.cold is not None:
