@@ -15,6 +15,7 @@
 # Device call (from the repository root):  POWERINFER_COMMIT=<local git HEAD> OUT=$OUT bash scripts/gpu_bench_synth.sh
 # (the copied tree's git HEAD may be stale; bench records POWERINFER_COMMIT as the commit).
 # Knobs: BUDGET_S (whole script, default 560), SMOKE_S (smoke step, default 150), GEN_TOKENS (128), REPEATS (2), THREADS (16), PEER (0),
+# CPU_DTYPE (bench --cpu-dtype; int8 applies to hybrid's CPU rows, the dense baselines keep their default),
 # STEPS (which of "smoke 7b 13b peer" to run, default all). The peer needs accelerate: carry its wheel (+ psutil) in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,7 +63,7 @@ for name in ("triton", "numba", "scipy", "numpy", "tokenizers", "safetensors", "
 EOF
 } 2>&1 | tee -a "$LOG"
 
-BENCH=(python3 -m powerinfer bench --threads "$THREADS")
+BENCH=(python3 -m powerinfer bench --threads "$THREADS" ${CPU_DTYPE:+--cpu-dtype "$CPU_DTYPE"})
 has() { [[ " ${STEPS:-smoke 7b 13b peer} " == *" $1 "* ]]; }
 has smoke && run_step smoke "${SMOKE_S:-150}" "${BENCH[@]}" --synth tiny --modes gpu,dense-gpu,offload,hybrid --vram-budget 0.008 \
     --prompt-tokens 16 --gen-tokens 16 --repeats 1 --bandwidth-mib 256
