@@ -432,7 +432,7 @@ def test_manifest_layers_report_the_chosen_recall_target(synth, tmp_path, monkey
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["strategy"]["parameter"] == 0.99
     for layer, predictor in zip(manifest["layers"], open_checkpoint(out).predictors()):
-        assert layer["recall"] >= 0.99 and layer["predicted_sparsity"] < SPARSITY - 0.02
+        assert layer["recall"] >= 0.99
         assert layer["threshold"] == pytest.approx(predictor.threshold.item())
 
 
