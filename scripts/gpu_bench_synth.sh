@@ -4,7 +4,7 @@
 #      optional: bench --synth needs none of them);
 #   1. smoke: `bench --synth tiny` over every GPU mode (compiles the Triton and numba kernels once, checks the
 #      instrumentation) at a budget that splits the tiny model between GPU and CPU;
-#   2. `bench --synth llama2-7b --vram-budget 8 --modes hybrid,gpu,dense-gpu,offload --threads 16`;
+#   2. `bench --synth llama2-7b --vram-budget 8 --modes $MODES --threads 16` (default modes hybrid,gpu,dense-gpu,offload);
 #   3. if time is left: the same for llama2-13b at 12 GiB;
 #   4. if time is still left and PEER=1: the 7B through transformers + accelerate (hf-accelerate) at 8 GiB.
 # Every model is SYNTHETIC (random weights with a planted ReLU activation profile, built in memory on the GPU);
@@ -16,6 +16,7 @@
 # (the copied tree's git HEAD may be stale; bench records POWERINFER_COMMIT as the commit).
 # Knobs: BUDGET_S (whole script, default 560), SMOKE_S (smoke step, default 150), GEN_TOKENS (128), REPEATS (2), THREADS (16), PEER (0),
 # CPU_DTYPE (bench --cpu-dtype; int8 applies to hybrid's CPU rows, the dense baselines keep their default),
+# MODES (default hybrid,gpu,dense-gpu,offload; e.g. hybrid,hybrid:int8 compares CPU row dtypes in one run),
 # STEPS (which of "smoke 7b 13b peer" to run, default all). The peer needs accelerate: carry its wheel (+ psutil) in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,7 @@ BUDGET_S=${BUDGET_S:-560}
 GEN=${GEN_TOKENS:-128}
 REPEATS=${REPEATS:-2}
 THREADS=${THREADS:-16}
+MODES=${MODES:-hybrid,gpu,dense-gpu,offload}
 LOG="$OUT/script.log"
 T0=$SECONDS
 
@@ -69,14 +71,14 @@ has smoke && run_step smoke "${SMOKE_S:-150}" "${BENCH[@]}" --synth tiny --modes
     --prompt-tokens 16 --gen-tokens 16 --repeats 1 --bandwidth-mib 256
 
 limit=$(( $(left) < 380 ? $(left) : 380 ))
-has 7b && run_step bench_7b "$limit" "${BENCH[@]}" --synth llama2-7b --vram-budget 8 --modes hybrid,gpu,dense-gpu,offload \
+has 7b && run_step bench_7b "$limit" "${BENCH[@]}" --synth llama2-7b --vram-budget 8 --modes "$MODES" \
     --gen-tokens "$GEN" --repeats "$REPEATS" --json "$OUT/bench_7b.json"
 
 if ! has 13b; then
     phase "bench_13b not in STEPS"
 elif [ "$(left)" -gt 200 ]; then
     run_step bench_13b $(( $(left) - 15 )) "${BENCH[@]}" --synth llama2-13b --vram-budget 12 \
-        --modes hybrid,gpu,dense-gpu,offload --gen-tokens "$GEN" --repeats "$REPEATS" --json "$OUT/bench_13b.json"
+        --modes "$MODES" --gen-tokens "$GEN" --repeats "$REPEATS" --json "$OUT/bench_13b.json"
 else
     phase "bench_13b skipped: $(left) s left"
 fi

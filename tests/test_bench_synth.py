@@ -125,6 +125,18 @@ def test_bench_synth_reports_roofline_split_and_synthetic_label(tmp_path, capsys
     assert build["predictor_recall_mean"] >= 0.9
 
 
+def test_bench_compares_cpu_dtypes_of_a_mode_in_one_run(tmp_path):
+    """`--modes cpu:bfloat16,cpu:int8`: the same mode with each CPU row dtype, one synthetic build, results
+    labelled by the entry; int8 rows read fewer bytes per token."""
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--synth", "tiny", "--modes", "cpu:bfloat16,cpu:int8", "--prompt-tokens", "8",
+                 "--gen-tokens", "6", "--repeats", "1", "--split-tokens", "4", "--calib-tokens", "1024",
+                 "--bandwidth-mib", "16", "--threads", "1", "--json", str(path)]) == 0
+    results = {r["mode"]: r for r in json.loads(path.read_text())["results"]}
+    assert [results[m]["placement"]["cpu_ffn_dtype"] for m in ("cpu:bfloat16", "cpu:int8")] == ["bfloat16", "int8"]
+    assert results["cpu:int8"]["bytes_per_token"]["cpu"] < results["cpu:bfloat16"]["bytes_per_token"]["cpu"]
+
+
 def _report_json(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"device": "cpu", "commit": "abc", "model": {"synthetic": True, "shape_name": "tiny"},
@@ -158,6 +170,8 @@ def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, caps
     (["synth", "--shape", "tiny", "--sparsity", "0.5", "--skew", "0.95", "--out", "{tmp}/m"], "not reachable", 1),
     (["bench", "--synth", "tiny", "--model", "x.gguf"], "alternatives", 1),
     (["bench", "--synth", "tiny", "--modes", "hybrid", "--vram-budget", "1"], "CUDA", 1),
+    (["bench", "--synth", "tiny", "--modes", "dense-cpu:int8"], "sparse modes only", 1),
+    (["bench", "--synth", "tiny", "--modes", "cpu:float16"], "unknown CPU dtype", 1),
     (["bench", "--plot-from", "{tmp}/none.json"], "--plot", 1),
     (["bench", "--plot-from", "{tmp}/none.json", "--plot", "{tmp}/p.png"], "cannot read", 1),
 ])

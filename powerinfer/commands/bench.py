@@ -32,7 +32,8 @@ def add_arguments(p) -> None:
                         "4096 gave 0.89, planted 0.90)")
     p.add_argument("--modes", default=None,
                    help="comma-separated: hybrid,gpu,dense-gpu,offload,cpu,dense-cpu,hf-accelerate (default: what "
-                        "fits the model and machine)")
+                        "fits the model and machine); a mode may name its own --cpu-dtype after a colon, to compare "
+                        "dtypes in one run: hybrid,hybrid:int8")
     p.add_argument("--vram-budget", type=positive_float, default=None, metavar="GiB",
                    help="GPU memory for hybrid (re-plans the placement), offload and hf-accelerate")
     p.add_argument("--prompt-tokens", type=positive_int, default=64)
@@ -83,6 +84,7 @@ def _plot_from(args) -> int:
 
 
 def _modes(args, artifact: bool, cuda: bool) -> list[str]:
+    from powerinfer.api import CPU_DTYPES
     from powerinfer.bench import BENCH_MODES, check_hf_accelerate
     from powerinfer.errors import PowerInferError
 
@@ -91,17 +93,25 @@ def _modes(args, artifact: bool, cuda: bool) -> list[str]:
     else:
         modes = ((["hybrid", "gpu"] if artifact else []) + ["dense-gpu"]) if cuda else []
         modes += (["cpu"] if artifact else []) + ["dense-cpu"]
-    for mode in modes:
+    for entry in modes:
+        mode, _, cpu_dtype = entry.partition(":")
         if mode not in BENCH_MODES:
             raise PowerInferError(f"unknown bench mode {mode!r} (choose from {', '.join(BENCH_MODES)})")
+        if cpu_dtype and cpu_dtype not in CPU_DTYPES:
+            raise PowerInferError(f"{entry}: unknown CPU dtype {cpu_dtype!r} (choose from {', '.join(CPU_DTYPES)})")
+        if cpu_dtype and mode == "hf-accelerate":
+            raise PowerInferError(f"{entry}: hf-accelerate keeps its own CPU weights; it takes no CPU dtype")
+        if cpu_dtype == "int8" and mode not in ("hybrid", "gpu", "cpu"):
+            raise PowerInferError(f"{entry}: int8 CPU rows run in the sparse modes only (hybrid, gpu, cpu)")
         if mode in ("hybrid", "gpu", "cpu") and not artifact:
             raise PowerInferError(f"mode {mode} needs an artifact from `powerinfer build` (or --synth)")
         if mode == "hf-accelerate":
             check_hf_accelerate()
         if mode in ("hybrid", "gpu", "dense-gpu", "offload") and not cuda:
             raise PowerInferError(f"mode {mode} needs a CUDA GPU")
+    names = {entry.partition(":")[0] for entry in modes}
     for mode in ("offload", "hf-accelerate") + (("hybrid",) if args.synth else ()):
-        if mode in modes and args.vram_budget is None:
+        if mode in names and args.vram_budget is None:
             raise PowerInferError(f"the {mode} mode needs --vram-budget GiB")
     return modes
 
@@ -150,13 +160,15 @@ def run(args) -> int:
     print(f"bandwidths (GB/s): {', '.join(f'{k} {v:g}' for k, v in bandwidths.items())}", file=log, flush=True)
     model_ref = checkpoint if args.synth else args.model
 
-    def load(mode):
+    def load(entry):
+        mode, _, cpu_dtype = entry.partition(":")
         device = "cpu" if mode in ("cpu", "dense-cpu") else "cuda"
         executor = {"dense-gpu": "dense", "dense-cpu": "dense"}.get(mode, mode)
         budget = args.vram_budget if executor in ("hybrid", "offload") else None
         dtype = gpu_dtype if device == "cuda" else "float32"
         # int8 applies to the predicted-sparse FFN only: the dense baselines keep their default
-        cpu_dtype = None if args.cpu_dtype == "int8" and executor in ("dense", "offload") else args.cpu_dtype
+        cpu_dtype = cpu_dtype or (None if args.cpu_dtype == "int8" and executor in ("dense", "offload")
+                                  else args.cpu_dtype)
         return powerinfer.load(model_ref, device=device, dtype=dtype, context=context, mode=executor,
                                cpu_dtype=cpu_dtype, vram_budget=budget)
 
