@@ -555,9 +555,9 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> to
 def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, mask, stride, code, threshold, partial,
                        out):
     """`s_gate`, `s_up`, `s_down`: None for float weights, else the row scales of int8 ones, indexed as the
-    weights' rows. `partial`: [>= tasks, T, d] scratch for the tasks' partial outputs (one task per row of it, up to the
-    number of active neurons), reused across calls: allocating and zeroing it per call cost ~10% of a
-    7B layer's cold FFN with 16 threads. (Software prefetch of the next neuron's rows was tried: 10-35%
+    weights' rows. `partial`: [>= tasks, T, d] scratch for the tasks' partial outputs (one task per row of it,
+    up to the number of active neurons), reused across calls: allocating and zeroing it per call cost ~10% of
+    a 7B layer's cold FFN with 16 threads. (Software prefetch of the next neuron's rows was tried: 10-35%
     slower on the 2-core VM and on the H100 host.)"""
     n_tokens, d = x.shape
     # The tasks split the active neurons, not the mask: cold rows are sorted hot-first, so equal slices
