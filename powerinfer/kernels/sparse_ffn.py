@@ -222,12 +222,20 @@ def sparse_down(
     return _cpu_kernels.sparse_down(h[:, :active], w_down_t, idx[:active], out=out)
 
 
-def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_int8(w: torch.Tensor, chunk_rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [n, d], scales float32 [n]) with w ~ q * scales[:, None]: symmetric, one scale per row, so
-    a neuron's row is its own run of bytes plus one float (rows of zeros get scale 0)."""
-    w = w.detach().float()
-    scales = w.abs().amax(dim=1) / 127
-    q = (w / scales.clamp_min(1e-30)[:, None]).round().clamp(-127, 127).to(torch.int8)
+    a neuron's row is its own run of bytes plus one float (rows of zeros get scale 0). Done `chunk_rows` rows
+    at a time, in place: the float32 temporaries stay in cache (a 13B layer's cold matrix on the 2-core VM:
+    0.65 s as whole-matrix ops)."""
+    w = w.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], chunk_rows):
+        block = w[start:start + chunk_rows].float()
+        block_scales = block.abs().amax(dim=1) / 127
+        block.div_(block_scales.clamp_min(1e-30)[:, None]).round_().clamp_(-127, 127)
+        q[start:start + chunk_rows] = block
+        scales[start:start + chunk_rows] = block_scales
     return q, scales
 
 
