@@ -231,7 +231,7 @@ def quantize_rows_int8(w: torch.Tensor, chunk_rows: int = 256) -> tuple[torch.Te
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for start in range(0, w.shape[0], chunk_rows):
-        block = w[start:start + chunk_rows].float()
+        block = w[start:start + chunk_rows].to(torch.float32, copy=True)  # a float32 w must not be changed
         block_scales = block.abs().amax(dim=1) / 127
         block.div_(block_scales.clamp_min(1e-30)[:, None]).round_().clamp_(-127, 127)
         q[start:start + chunk_rows] = block
