@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from common import add_cold_ffn_arguments
 from powerinfer.bench import environment, measure_bandwidths
 from powerinfer.kernels import cpu
 from powerinfer.runtime.host_memory import huge_page_copy
@@ -105,10 +106,7 @@ def per_call_us(calls, repeats: int, gap_s: float = 0.0) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=16)
-    p.add_argument("--d", type=int, default=4096)
-    p.add_argument("--cold-rows", type=int, default=8800, help="CPU rows per layer (synthetic 7B at 8 GiB)")
-    p.add_argument("--active", type=int, default=310, help="active cold neurons per layer and token")
+    add_cold_ffn_arguments(p)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--gap-us", type=float, default=100.0)

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from common import add_cold_ffn_arguments
 from powerinfer.bench import environment
 from powerinfer.kernels import cpu
 from powerinfer.kernels.sparse_ffn import quantize_rows_int8
@@ -81,10 +82,7 @@ def perplexities(artifact: str, data: str, n_tokens: int, window: int) -> dict[s
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=16)
-    p.add_argument("--d", type=int, default=4096)
-    p.add_argument("--cold-rows", type=int, default=8800, help="CPU rows per layer (synthetic 7B at 8 GiB)")
-    p.add_argument("--active", type=int, default=310, help="active cold neurons per layer and token")
+    add_cold_ffn_arguments(p)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--artifact", help="also measure perplexity through `cpu` mode (float32, bfloat16, int8)")

@@ -390,11 +390,20 @@ def test_graph_segments_with_cpu_layers_last_equal_eager_decode(relu_model, mode
     torch.testing.assert_close(segments, eager, atol=1e-4, rtol=1e-4)
 
 
+def _int8_round_trip(w):
+    from powerinfer.kernels import dequantize_rows_int8, quantize_rows_int8
+
+    return dequantize_rows_int8(*quantize_rows_int8(w))
+
+
+@pytest.mark.parametrize("cold_dtype,round_rows", [(torch.bfloat16, lambda w: w.to(torch.bfloat16).float()),
+                                                   (torch.int8, _int8_round_trip)], ids=["bfloat16", "int8"])
 @pytest.mark.parametrize("mode,n_hot", [("cpu", None), ("hybrid", [101, 7, 1])])
-def test_bfloat16_cpu_rows_equal_dense_with_those_rows_rounded(relu_model, mode, n_hot):
-    """cold_dtype=bfloat16 stores the CPU's FFN rows in bfloat16 and computes in float32: the same as the dense
-    model whose CPU rows (gate/up rows, down columns) were rounded to bfloat16; in `cpu` mode the attention
-    matrices and the LM head too (all of them are in CPU memory; hybrid here emulates a GPU holding them)."""
+def test_low_precision_cpu_rows_equal_dense_with_those_rows_rounded(relu_model, mode, n_hot, cold_dtype, round_rows):
+    """cold_dtype=bfloat16 / int8 stores the CPU's FFN rows in bfloat16, or as int8 with one scale per row (a
+    neuron's gate row, up row and row of down.T), and computes in float32: the same as the dense model whose CPU
+    rows were rounded so; in `cpu` mode the attention matrices and the LM head too, to bfloat16 (all of them are
+    in CPU memory; hybrid here emulates a GPU holding them)."""
     ids = torch.randint(0, 256, (16,)).tolist()
     dense = load_model(relu_model)
     with torch.no_grad():
@@ -402,8 +411,8 @@ def test_bfloat16_cpu_rows_equal_dense_with_those_rows_rounded(relu_model, mode,
             n_ff = block.mlp.down_proj.weight.shape[1]
             gate_up, down = block.mlp.gate_up_proj.weight, block.mlp.down_proj.weight
             for rows in (gate_up[hot:n_ff], gate_up[n_ff + hot:]):
-                rows.copy_(rows.to(torch.bfloat16).float())
-            down[:, hot:] = down[:, hot:].to(torch.bfloat16).float()
+                rows.copy_(round_rows(rows))
+            down[:, hot:] = round_rows(down[:, hot:].T).T
             if mode == "cpu":
                 for w in (block.self_attn.qkv_proj.weight, block.self_attn.o_proj.weight):
                     w.copy_(w.to(torch.bfloat16).float())
@@ -411,45 +420,10 @@ def test_bfloat16_cpu_rows_equal_dense_with_those_rows_rounded(relu_model, mode,
             head = dense.model.lm_head  # a new parameter: a tied embedding table stays float32
             head.weight = torch.nn.Parameter(head.weight.to(torch.bfloat16).float(), requires_grad=False)
     want = _logits(dense, ids)
-    loaded = load_model(relu_model)
     placement = _placement(3, n_hot) if n_hot else None
     # the oracle reads the rounded weights: a gate near 0 may change sign when rounded
-    run = build_executor(loaded, mode, "cpu", _oracles(dense), placement, cold_dtype=torch.bfloat16)
-    assert all(ffn.cold is None or ffn.cold[0].dtype == torch.bfloat16 for ffn in run.model.ffns)
-    matrices = {run.model.attention_layers[0].self_attn.qkv_proj.weight.dtype, run.model.lm_head.weight.dtype}
-    assert matrices == {torch.bfloat16 if mode == "cpu" else torch.float32}
-    torch.testing.assert_close(_logits(run, ids), want, atol=2e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("mode,n_hot", [("cpu", None), ("hybrid", [101, 7, 1])])
-def test_int8_cpu_rows_equal_dense_with_those_rows_quantized(relu_model, mode, n_hot):
-    """cold_dtype=int8 stores the predicted-sparse FFN's CPU rows as int8 with one scale per row, computed in
-    float32: the dense model whose CPU rows were quantized so (down by its columns: a neuron's row of down.T)
-    and, in `cpu` mode, whose attention matrices and LM head were rounded to bfloat16."""
-    from powerinfer.kernels import dequantize_rows_int8, quantize_rows_int8
-
-    def quantized(w):
-        return dequantize_rows_int8(*quantize_rows_int8(w))
-
-    ids = torch.randint(0, 256, (16,)).tolist()
-    dense = load_model(relu_model)
-    with torch.no_grad():
-        for block, hot in zip(dense.model.layers, n_hot or [0] * 3):
-            n_ff = block.mlp.down_proj.weight.shape[1]
-            gate_up, down = block.mlp.gate_up_proj.weight, block.mlp.down_proj.weight
-            for rows in (gate_up[hot:n_ff], gate_up[n_ff + hot:]):
-                rows.copy_(quantized(rows))
-            down[:, hot:] = quantized(down[:, hot:].T).T
-            if mode == "cpu":
-                for w in (block.self_attn.qkv_proj.weight, block.self_attn.o_proj.weight):
-                    w.copy_(w.to(torch.bfloat16).float())
-        if mode == "cpu":
-            head = dense.model.lm_head
-            head.weight = torch.nn.Parameter(head.weight.to(torch.bfloat16).float(), requires_grad=False)
-    want = _logits(dense, ids)
-    placement = _placement(3, n_hot) if n_hot else None
-    run = build_executor(load_model(relu_model), mode, "cpu", _oracles(dense), placement, cold_dtype=torch.int8)
-    assert all(ffn.cold is None or ffn.cold[0].dtype == torch.int8 for ffn in run.model.ffns)
+    run = build_executor(load_model(relu_model), mode, "cpu", _oracles(dense), placement, cold_dtype=cold_dtype)
+    assert all(ffn.cold is None or ffn.cold[0].dtype == cold_dtype for ffn in run.model.ffns)
     matrices = {run.model.attention_layers[0].self_attn.qkv_proj.weight.dtype, run.model.lm_head.weight.dtype}
     assert matrices == {torch.bfloat16 if mode == "cpu" else torch.float32}
     torch.testing.assert_close(_logits(run, ids), want, atol=2e-5, rtol=1e-5)
