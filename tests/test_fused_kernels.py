@@ -146,6 +146,65 @@ def test_rotary_into_the_cache_checks_its_operands():
         fused.rotary_qkv_to_cache(qkv, cos, sin, 5, 1, keys, values, slots[:2])
 
 
+def _decode_case(heads, kv_heads, head_dim, slots_total, seed=0):
+    """One token's fused projection and angles, and a KV cache with every slot already filled."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * head_dim, generator=g)
+    angles = 5 * torch.rand(1, head_dim // 2, generator=g)
+    keys, values = (torch.randn(1, kv_heads, slots_total, head_dim, generator=g) for _ in range(2))
+    return qkv, angles.cos(), angles.sin(), keys, values
+
+
+@torch.inference_mode()
+def test_decode_attention_reference_is_softmax_attention_over_the_range():
+    heads, kv_heads, head_dim, slot, first, last = 4, 2, 6, 9, 3, 9
+    qkv, cos, sin, keys, values = _decode_case(heads, kv_heads, head_dim, 12)
+    written_keys, written_values = keys.clone(), values.clone()
+    y = fused.decode_attention_reference(qkv, cos, sin, heads, kv_heads, written_keys, written_values, slot, first,
+                                         last)
+    q, k, v = fused.rotary_qkv_reference(qkv, cos, sin, heads, kv_heads)
+    keys[:, :, slot], values[:, :, slot] = k[:, :, 0], v[:, :, 0]
+    assert torch.equal(written_keys, keys) and torch.equal(written_values, values)
+    for head in range(heads):
+        kv = head // (heads // kv_heads)
+        scores = keys[0, kv, first:last + 1].double() @ q[0, head, 0].double() / math.sqrt(head_dim)
+        want = torch.softmax(scores, 0) @ values[0, kv, first:last + 1].double()
+        torch.testing.assert_close(y[0, 0, head * head_dim:(head + 1) * head_dim].double(), want,
+                                   rtol=1e-5, atol=1e-6)
+
+
+@needs_numba
+@pytest.mark.parametrize("heads,kv_heads,head_dim,slots_total,slot,first,last", [
+    (9, 3, 64, 40, 17, 0, 17),   # SmolLM2's heads: the token attends to every slot up to its own
+    (5, 1, 6, 13, 12, 6, 12),    # a sliding window
+    (3, 3, 4, 7, 0, 0, 0),       # the first token
+    (2, 1, 10, 9, 8, 2, 5),      # the token's slot past the attended range (a window shorter than the cache)
+])
+@torch.inference_mode()
+def test_numba_decode_attention_equals_the_reference(heads, kv_heads, head_dim, slots_total, slot, first, last):
+    qkv, cos, sin, keys, values = _decode_case(heads, kv_heads, head_dim, slots_total, seed=heads + slot)
+    want_keys, want_values = keys.clone(), values.clone()
+    want = fused.decode_attention_reference(qkv, cos, sin, heads, kv_heads, want_keys, want_values, slot, first,
+                                            last)
+    assert fused.use_decode_attention_kernel(qkv, keys, values)
+    got = fused.decode_attention(qkv, cos, sin, heads, kv_heads, keys, values, slot, first, last)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(keys, want_keys, rtol=1e-6, atol=1e-6)  # the token's slot; others untouched
+    assert torch.equal(values, want_values)
+
+
+def test_decode_attention_checks_its_range():
+    qkv, cos, sin, keys, values = _decode_case(5, 1, 6, 8)
+    before = keys.clone(), values.clone()
+    for grad in (False, True):  # numba, the reference
+        for slot, first, last in [(8, 0, 7), (3, 4, 3), (3, 0, 8), (-1, 0, 3)]:
+            with torch.set_grad_enabled(grad), pytest.raises(IndexError, match="slot"):
+                fused.decode_attention(qkv, cos, sin, 5, 1, keys, values, slot, first, last)
+    assert torch.equal(keys, before[0]) and torch.equal(values, before[1])
+    with pytest.raises(ValueError, match="qkv width"):
+        fused.decode_attention(qkv[..., :-2], cos, sin, 5, 1, keys, values, 3, 0, 3)
+
+
 def test_the_kernels_are_not_used_under_autograd():
     x = torch.randn(2, 8, requires_grad=True)
     w = torch.ones(8, requires_grad=True)

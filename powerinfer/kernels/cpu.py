@@ -715,3 +715,60 @@ def rotary_qkv_to_cache(qkv, cos, sin, n_heads: int, n_kv_heads: int, keys, valu
                           slots.to(torch.int64).contiguous().numpy(), True, q, keys.numpy(), values.numpy()):
         raise IndexError(f"cache slots must lie in [0, {keys.shape[2]})")
     return torch.from_numpy(q)
+
+
+@njit(**_JIT)
+def _decode_attention_kernel(qkv, cos, sin, n_heads, n_kv_heads, keys, values, slot, first, last, q, out):
+    """One token: q and k rotated, k and v written into `slot` of keys / values ([KV, S, D]), then each head's
+    softmax attention over slots [first, last] into out [H * D]. False, with nothing written, for a bad range."""
+    head_dim = q.shape[1]
+    half = head_dim // 2
+    if slot < 0 or slot >= keys.shape[1] or first < 0 or first > last or last >= keys.shape[1]:
+        return False
+    for head in range(n_heads + n_kv_heads):
+        source = qkv[head * head_dim:(head + 1) * head_dim]
+        target = q[head] if head < n_heads else keys[head - n_heads, slot]
+        for i in range(half):
+            x1, x2 = source[i], source[half + i]
+            target[i] = x1 * cos[i] - x2 * sin[i]
+            target[half + i] = x2 * cos[i] + x1 * sin[i]
+    for head in range(n_kv_heads):
+        start = (n_heads + n_kv_heads + head) * head_dim
+        values[head, slot] = qkv[start:start + head_dim]
+    scale = 1.0 / np.sqrt(np.float32(head_dim))
+    group = n_heads // n_kv_heads
+    n = last - first + 1
+    for head in prange(n_heads):
+        k, v, query = keys[head // group], values[head // group], q[head]
+        scores = np.empty(n, np.float32)
+        top = -np.inf
+        for j in range(n):
+            s = np.float32(0.0)
+            for i in range(head_dim):
+                s += query[i] * k[first + j, i]
+            scores[j] = s * scale
+            top = max(top, scores[j])
+        total = np.float32(0.0)
+        for j in range(n):
+            scores[j] = np.exp(scores[j] - top)
+            total += scores[j]
+        y = out[head * head_dim:(head + 1) * head_dim]
+        y[:] = 0.0
+        for j in range(n):
+            p = scores[j] / total
+            for i in range(head_dim):
+                y[i] += p * v[first + j, i]
+    return True
+
+
+def decode_attention(qkv, cos, sin, n_heads: int, n_kv_heads: int, keys, values, slot: int, first: int, last: int
+                     ) -> torch.Tensor:
+    """float32 CPU tensors, one token; see fused.decode_attention."""
+    head_dim = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
+    q = np.empty((n_heads, head_dim), np.float32)
+    out = np.empty(n_heads * head_dim, np.float32)
+    if not _decode_attention_kernel(_float32_array(qkv).reshape(-1), _float32_array(cos).reshape(-1),
+                                    _float32_array(sin).reshape(-1), n_heads, n_kv_heads, keys.numpy()[0],
+                                    values.numpy()[0], slot, first, last, q, out):
+        raise IndexError(f"slot {slot}, attention over slots [{first}, {last}]: outside a cache of {keys.shape[2]}")
+    return torch.from_numpy(out).view(1, 1, -1)

@@ -1,6 +1,6 @@
 """The small elementwise steps of a decoder layer, fused: RMSNorm (with the residual add before it) and the
-rotary embedding of q and k (with the KV-cache write); and the GPU's wait for the CPU's part of a hybrid
-layer. Plain-PyTorch references, Triton kernels (``triton_fused.py``) and dispatchers.
+rotary embedding of q and k (with the KV-cache write), on the CPU also a decode token's whole attention; and
+the GPU's wait for the CPU's part of a hybrid layer. Plain-PyTorch references, Triton kernels (``triton_fused.py``) and dispatchers.
 
 At batch 1 these steps move a few KB each, but written as PyTorch ops they are ~30 kernels per layer
 (RMSNorm alone: cast, square, mean, add, rsqrt, two multiplies, cast), each a launch of a few microseconds
@@ -159,6 +159,36 @@ def rotary_qkv_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if _use_numba(qkv, cos, sin, keys, values):
         return _cpu_kernels.rotary_qkv_to_cache(qkv, cos, sin, n_heads, n_kv_heads, keys, values, slots)
     return rotary_qkv_to_cache_reference(qkv, cos, sin, n_heads, n_kv_heads, keys, values, slots)
+
+
+def decode_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+                               n_kv_heads: int, keys: torch.Tensor, values: torch.Tensor, slot: int, first: int,
+                               last: int) -> torch.Tensor:
+    if not 0 <= first <= last < keys.shape[2]:
+        raise IndexError(f"slot {slot}, attention over slots [{first}, {last}]: outside a cache of {keys.shape[2]}")
+    q = rotary_qkv_to_cache_reference(qkv, cos, sin, n_heads, n_kv_heads, keys, values, torch.tensor([slot]))
+    y = F.scaled_dot_product_attention(q, keys[:, :, first:last + 1], values[:, :, first:last + 1],
+                                       enable_gqa=True)
+    return y.transpose(1, 2).reshape(1, 1, -1)
+
+
+def use_decode_attention_kernel(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """One float32 CPU token (batch 1) with numba: `decode_attention` is one kernel call."""
+    return (qkv.shape[:2] == (1, 1) and keys.shape[0] == 1 and keys.is_contiguous() and values.is_contiguous()
+            and _use_numba(qkv, keys, values))
+
+
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
+                     keys: torch.Tensor, values: torch.Tensor, slot: int, first: int, last: int) -> torch.Tensor:
+    """One decode token's attention against a static KV cache: its fused projection qkv [1, 1, width] rotated
+    (cos, sin: [1, D / 2]), k and v written into slot `slot` of keys / values [1, KV, S, D], and every query
+    head's softmax attention over slots [first, last] (grouped-query heads share their KV head) -> [1, 1,
+    n_heads * D], the o_proj input. On the CPU one numba call in place of the rotation, the cache writes and
+    SDPA as torch ops (the 2-core VM spends ~25 us on any torch op at one token)."""
+    _head_dim(qkv.shape[-1], n_heads, n_kv_heads)
+    if use_decode_attention_kernel(qkv, keys, values):
+        return _cpu_kernels.decode_attention(qkv, cos, sin, n_heads, n_kv_heads, keys, values, slot, first, last)
+    return decode_attention_reference(qkv, cos, sin, n_heads, n_kv_heads, keys, values, slot, first, last)
 
 
 def wait_for_host_flag_reference(flag: torch.Tensor) -> None:

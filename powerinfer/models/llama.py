@@ -188,6 +188,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, positions, cache, mask):
         batch, seq, _ = x.shape
         qkv = self.qkv_proj(x)
+        if cache is not None and seq == 1:  # one decode token: one fused call where the cache has one
+            y = cache.decode_attention(self.layer_idx, qkv, cos, sin, positions, self.n_heads, self.n_kv_heads)
+            if y is not None:
+                return self.o_proj(y)
         if cache is None:
             q, k, v = rotary_qkv(qkv, cos, sin, self.n_heads, self.n_kv_heads)
         else:  # k and v rotated straight into the cache's slots
@@ -243,8 +247,8 @@ class Transformer(nn.Module):
                 last_logits_only: bool = False) -> torch.Tensor:
         """tokens: [B, T] int64; positions: [T] int64 (shared by the batch) -> logits [B, T or 1, V].
 
-        `cache` is a `powerinfer.runtime.KVCache` (or anything with `store_rotary` and `attention_mask`);
-        without one, attention is causal over `tokens` alone.
+        `cache` is a `powerinfer.runtime.KVCache` (or anything with its `store_rotary`, `decode_attention` and
+        `attention_mask`); without one, attention is causal over `tokens` alone.
         """
         x = self.embed_tokens(tokens)
         angles = positions.float()[:, None] * self.inv_freq[None, :]

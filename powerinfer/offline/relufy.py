@@ -75,6 +75,9 @@ class _SamplingCache:
         keys, values = self.keys[layer], self.values[layer]
         return rotary_qkv_to_cache(qkv, cos, sin, n_heads, n_kv_heads, keys, values, positions), keys, values
 
+    def decode_attention(self, *args) -> None:
+        return None  # batched rows: attention through store_rotary and the mask
+
     def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
         return self.slots[None, :] <= positions[:, None]
 
