@@ -317,66 +317,102 @@ def hf_directory(checkpoint, tmp_root: str, dtype):
 
 # -- one mode ---------------------------------------------------------------------------------------------
 
+class _ModeRun:
+    """One mode's loaded generator and its timed repeats so far."""
+
+    def __init__(self, load_generator, mode: str, prompt_tokens: int):
+        from powerinfer.runtime import SamplingParams
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        self.mode, self.greedy = mode, SamplingParams(temperature=0)
+        started = time.perf_counter()
+        self.gen = load_generator(mode)
+        self.load_s = time.perf_counter() - started
+        self.prompt = random_prompt(self.gen.loaded.args.vocab_size, prompt_tokens)
+        self.gen.generate(self.prompt, max_tokens=4, sampling=self.greedy, ignore_eos=True)  # warm-up, graphs
+        self.decode, self.prefill, self.ttft = [], [], []
+        self.measure_s = time.perf_counter() - started - self.load_s
+
+    def repeat(self, gen_tokens: int) -> None:
+        """One timed generation of `gen_tokens` tokens after the prompt."""
+        from powerinfer.runtime import GenerationStats
+
+        stats, first = GenerationStats(), None
+        start = time.perf_counter()
+        for _chunk in self.gen.stream(self.prompt, gen_tokens, self.greedy, stats=stats, ignore_eos=True):
+            if first is None:
+                first = time.perf_counter() - start
+        self.measure_s += time.perf_counter() - start
+        self.ttft.append(first)
+        self.decode.append(stats.decode_tok_s)
+        self.prefill.append(stats.prefill_tok_s)
+
+    def result(self, gen_tokens: int, split_tokens: int, bandwidths: dict | None) -> dict:
+        """The mode's result (after its repeats): speed, placement, time split, traffic and roofline; frees the
+        generator."""
+        from powerinfer.runtime.executor import HybridTransformer
+
+        started, gen, cuda = time.perf_counter(), self.gen, torch.cuda.is_available()
+        result = {
+            "mode": self.mode,
+            "decode_tok_s": round(statistics.median(self.decode), 2),
+            "decode_tok_s_min": round(min(self.decode), 2), "decode_tok_s_max": round(max(self.decode), 2),
+            "prefill_tok_s": round(statistics.median(self.prefill), 1),
+            "ttft_s": round(statistics.median(self.ttft), 4),
+            "peak_gpu_bytes": torch.cuda.max_memory_reserved() if cuda else 0,
+        }
+        counts = getattr(gen.model, "counts", None)
+        if counts is not None:
+            hot, cold = counts.shares()
+            result.update(gpu_neuron_share=round(hot, 4), cpu_neuron_share=round(cold, 4))
+        if isinstance(gen.model, HybridTransformer):
+            plan, n_ff = gen.model.plan, gen.loaded.args.intermediate_size
+            result["placement"] = {
+                "gpu_ffn_row_share": round(sum(layer.n_hot for layer in plan.layers) / (len(plan.layers) * n_ff), 4),
+                "attention_layers_on_gpu": sum(layer.attention_device.type == "cuda" for layer in plan.layers),
+                "embeddings_on_gpu": plan.embed_device.type == "cuda",
+                "lm_head_on_gpu": plan.head_device.type == "cuda",
+                "cpu_ffn_dtype": str(plan.cold_dtype).removeprefix("torch.")}
+        active = None
+        if split_tokens:
+            result["decode_split"], active = decode_split(gen, self.prompt, min(split_tokens, gen_tokens))
+            if active is not None:
+                result["active_rows_per_token"] = {"gpu": round(active[0], 1), "cpu": round(active[1], 1)}
+        traffic = bytes_per_token(gen.model, active, len(self.prompt) + gen_tokens // 2)
+        result["bytes_per_token"] = traffic
+        if bandwidths is not None:
+            result.update(roofline(traffic, bandwidths, result["decode_tok_s"]))
+        self.measure_s += time.perf_counter() - started
+        result["seconds"] = {"load": round(self.load_s, 2), "measure": round(self.measure_s, 2)}
+        self.gen = None
+        del gen
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        return result
+
+
 def run_mode(load_generator, mode: str, prompt_tokens: int, gen_tokens: int, repeats: int,
              split_tokens: int = 16, bandwidths: dict | None = None) -> dict:
     """Measure one mode; `load_generator(mode)` returns a ready `Generator`."""
-    from powerinfer.runtime import GenerationStats, SamplingParams
-    from powerinfer.runtime.executor import HybridTransformer
-
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    gen = load_generator(mode)
-    load_s = time.perf_counter() - started
-    prompt = random_prompt(gen.loaded.args.vocab_size, prompt_tokens)
-    greedy = SamplingParams(temperature=0)
-    gen.generate(prompt, max_tokens=4, sampling=greedy, ignore_eos=True)  # warm-up, CUDA graph capture
-    counts = getattr(gen.model, "counts", None)
-    decode, prefill, ttft = [], [], []
+    run = _ModeRun(load_generator, mode, prompt_tokens)
     for _ in range(repeats):
-        stats, first = GenerationStats(), None
-        start = time.perf_counter()
-        for _chunk in gen.stream(prompt, gen_tokens, greedy, stats=stats, ignore_eos=True):
-            if first is None:
-                first = time.perf_counter() - start
-        ttft.append(first)
-        decode.append(stats.decode_tok_s)
-        prefill.append(stats.prefill_tok_s)
-    result = {
-        "mode": mode,
-        "decode_tok_s": round(statistics.median(decode), 2),
-        "decode_tok_s_min": round(min(decode), 2), "decode_tok_s_max": round(max(decode), 2),
-        "prefill_tok_s": round(statistics.median(prefill), 1),
-        "ttft_s": round(statistics.median(ttft), 4),
-        "peak_gpu_bytes": torch.cuda.max_memory_reserved() if cuda else 0,
-    }
-    if counts is not None:
-        hot, cold = counts.shares()
-        result.update(gpu_neuron_share=round(hot, 4), cpu_neuron_share=round(cold, 4))
-    if isinstance(gen.model, HybridTransformer):
-        plan, n_ff = gen.model.plan, gen.loaded.args.intermediate_size
-        result["placement"] = {
-            "gpu_ffn_row_share": round(sum(layer.n_hot for layer in plan.layers) / (len(plan.layers) * n_ff), 4),
-            "attention_layers_on_gpu": sum(layer.attention_device.type == "cuda" for layer in plan.layers),
-            "embeddings_on_gpu": plan.embed_device.type == "cuda", "lm_head_on_gpu": plan.head_device.type == "cuda",
-            "cpu_ffn_dtype": str(plan.cold_dtype).removeprefix("torch.")}
-    active = None
-    if split_tokens:
-        result["decode_split"], active = decode_split(gen, prompt, min(split_tokens, gen_tokens))
-        if active is not None:
-            result["active_rows_per_token"] = {"gpu": round(active[0], 1), "cpu": round(active[1], 1)}
-    traffic = bytes_per_token(gen.model, active, prompt_tokens + gen_tokens // 2)
-    result["bytes_per_token"] = traffic
-    if bandwidths is not None:
-        result.update(roofline(traffic, bandwidths, result["decode_tok_s"]))
-    result["seconds"] = {"load": round(load_s, 2), "measure": round(time.perf_counter() - started - load_s, 2)}
-    del gen
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return result
+        run.repeat(gen_tokens)
+    return run.result(gen_tokens, split_tokens, bandwidths)
+
+
+def run_modes_interleaved(load_generator, modes: list[str], prompt_tokens: int, gen_tokens: int, repeats: int,
+                          split_tokens: int = 16, bandwidths: dict | None = None) -> list[dict]:
+    """Measure several modes loaded at once, their repeats in turns (A, B, A, B, ...), so that a shared
+    machine's drift slows every mode alike (on the 2-core VM one mode's repeats spread by 16-42% when the
+    modes ran one after another). Every mode's memory is held at once: for CPU modes."""
+    runs = [_ModeRun(load_generator, mode, prompt_tokens) for mode in modes]
+    for _ in range(repeats):
+        for run in runs:
+            run.repeat(gen_tokens)
+    return [run.result(gen_tokens, split_tokens, bandwidths) for run in runs]
 
 
 # -- the transformers + accelerate peer -------------------------------------------------------------------

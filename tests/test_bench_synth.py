@@ -137,6 +137,28 @@ def test_bench_compares_cpu_dtypes_of_a_mode_in_one_run(tmp_path):
     assert results["cpu:int8"]["bytes_per_token"]["cpu"] < results["cpu:bfloat16"]["bytes_per_token"]["cpu"]
 
 
+def test_bench_interleaves_the_repeats_of_cpu_modes(tmp_path, monkeypatch):
+    """`--interleave`: both modes loaded at once, their timed repeats in turns; each still gets its own result."""
+    from powerinfer import bench
+
+    order, repeat = [], bench._ModeRun.repeat
+
+    def recorded(run, gen_tokens):
+        order.append(run.mode)
+        repeat(run, gen_tokens)
+    monkeypatch.setattr(bench._ModeRun, "repeat", recorded)
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--synth", "tiny", "--modes", "cpu,dense-cpu", "--interleave", "--prompt-tokens", "8",
+                 "--gen-tokens", "6", "--repeats", "3", "--split-tokens", "4", "--calib-tokens", "1024",
+                 "--bandwidth-mib", "16", "--threads", "1", "--json", str(path)]) == 0
+    assert order == ["cpu", "dense-cpu"] * 3
+    report = json.loads(path.read_text())
+    assert report["interleaved"] is True
+    results = {r["mode"]: r for r in report["results"]}
+    assert set(results) == {"cpu", "dense-cpu"} and all(r["decode_tok_s"] > 0 for r in results.values())
+    assert results["cpu"]["bytes_per_token"]["cpu"] < results["dense-cpu"]["bytes_per_token"]["cpu"]
+
+
 def _report_json(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"device": "cpu", "commit": "abc", "model": {"synthetic": True, "shape_name": "tiny"},
@@ -172,6 +194,7 @@ def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, caps
     (["bench", "--synth", "tiny", "--modes", "hybrid", "--vram-budget", "1"], "CUDA", 1),
     (["bench", "--synth", "tiny", "--modes", "dense-cpu:int8"], "sparse modes only", 1),
     (["bench", "--synth", "tiny", "--modes", "cpu:float16"], "unknown CPU dtype", 1),
+    (["bench", "--synth", "tiny", "--modes", "cpu,dense-gpu", "--interleave"], "CPU modes only", 1),
     (["bench", "--plot-from", "{tmp}/none.json"], "--plot", 1),
     (["bench", "--plot-from", "{tmp}/none.json", "--plot", "{tmp}/p.png"], "cannot read", 1),
 ])

@@ -39,6 +39,9 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-tokens", type=positive_int, default=64)
     p.add_argument("--gen-tokens", type=positive_int, default=128)
     p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--interleave", action="store_true",
+                   help="CPU modes only: load them all at once and time their repeats in turns, so a shared "
+                        "machine's drift slows each alike (compare cpu,dense-cpu this way on a noisy host)")
     p.add_argument("--split-tokens", type=non_negative, default=16,
                    help="decode steps of the extra instrumented run that splits the step time (0: skip)")
     p.add_argument("--threads", type=positive_int, default=None)
@@ -93,6 +96,9 @@ def _modes(args, artifact: bool, cuda: bool) -> list[str]:
     else:
         modes = ((["hybrid", "gpu"] if artifact else []) + ["dense-gpu"]) if cuda else []
         modes += (["cpu"] if artifact else []) + ["dense-cpu"]
+    if args.interleave and not {entry.partition(":")[0] for entry in modes} <= {"cpu", "dense-cpu"}:
+        raise PowerInferError("--interleave runs CPU modes only (cpu, dense-cpu): each GPU mode needs the GPU's "
+                              "memory to itself (its peak memory is measured)")
     for entry in modes:
         mode, _, cpu_dtype = entry.partition(":")
         if mode not in BENCH_MODES:
@@ -125,7 +131,8 @@ def run(args) -> int:
 
     import powerinfer
     from powerinfer.bench import (environment, format_table, hf_directory, measure_bandwidths, plot_results,
-                                  require_matplotlib, run_hf_accelerate, run_mode, synthetic_artifact)
+                                  require_matplotlib, run_hf_accelerate, run_mode, run_modes_interleaved,
+                                  synthetic_artifact)
     from powerinfer.errors import PowerInferError
     from powerinfer.loading import open_checkpoint, resolve_dtype
 
@@ -182,6 +189,7 @@ def run(args) -> int:
         "strategy": checkpoint.manifest["strategy"]["name"] if artifact else None},
         "vram_budget_gib": args.vram_budget, "threads": torch.get_num_threads(), "batch_size": 1,
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats,
+        "interleaved": args.interleave,
         "gpu_dtype": str(gpu_dtype).removeprefix("torch."), "cpu_dtype": args.cpu_dtype or "auto",
         "bandwidths_GBps": bandwidths,
         "bandwidth_method": {"cpu_read": "torch sum of a float32 buffer, configured threads",
@@ -190,6 +198,14 @@ def run(args) -> int:
         "synthetic_build": synthetic, "results": []}
     tmp_root = None
     try:
+        if args.interleave:
+            print(f"benchmarking {', '.join(modes)} in turns ...", file=log, flush=True)
+            report["results"] = run_modes_interleaved(load, modes, args.prompt_tokens, args.gen_tokens,
+                                                      args.repeats, args.split_tokens, bandwidths)
+            report["seconds_total"] = round(time.perf_counter() - started, 1)
+            if args.json:
+                _write_json(args.json, report)
+            modes = []  # measured
         for mode in modes:
             print(f"benchmarking {mode} ...", file=log, flush=True)
             if mode == "hf-accelerate":
