@@ -320,7 +320,7 @@ def hf_directory(checkpoint, tmp_root: str, dtype):
 class _ModeRun:
     """One mode's loaded generator and its timed repeats so far."""
 
-    def __init__(self, load_generator, mode: str, prompt_tokens: int):
+    def __init__(self, load_generator, mode: str, prompt_tokens: int, prompt_text: str | None = None):
         from powerinfer.runtime import SamplingParams
 
         if torch.cuda.is_available():
@@ -330,7 +330,13 @@ class _ModeRun:
         started = time.perf_counter()
         self.gen = load_generator(mode)
         self.load_s = time.perf_counter() - started
-        self.prompt = random_prompt(self.gen.loaded.args.vocab_size, prompt_tokens)
+        if prompt_text is None:
+            self.prompt = random_prompt(self.gen.loaded.args.vocab_size, prompt_tokens)
+        else:  # a trained model's active neurons depend on its context: random ids are not language
+            self.prompt = self.gen.tokenizer.encode(prompt_text)[:prompt_tokens]
+            if len(self.prompt) < prompt_tokens:
+                raise PowerInferError(f"the prompt text holds {len(self.prompt)} tokens, fewer than the "
+                                      f"{prompt_tokens} of --prompt-tokens")
         self.gen.generate(self.prompt, max_tokens=4, sampling=self.greedy, ignore_eos=True)  # warm-up, graphs
         self.decode, self.prefill, self.ttft = [], [], []
         self.measure_s = time.perf_counter() - started - self.load_s
@@ -395,20 +401,22 @@ class _ModeRun:
 
 
 def run_mode(load_generator, mode: str, prompt_tokens: int, gen_tokens: int, repeats: int,
-             split_tokens: int = 16, bandwidths: dict | None = None) -> dict:
-    """Measure one mode; `load_generator(mode)` returns a ready `Generator`."""
-    run = _ModeRun(load_generator, mode, prompt_tokens)
+             split_tokens: int = 16, bandwidths: dict | None = None, prompt_text: str | None = None) -> dict:
+    """Measure one mode; `load_generator(mode)` returns a ready `Generator`. The prompt: the first
+    `prompt_tokens` tokens of `prompt_text`, else random token ids."""
+    run = _ModeRun(load_generator, mode, prompt_tokens, prompt_text)
     for _ in range(repeats):
         run.repeat(gen_tokens)
     return run.result(gen_tokens, split_tokens, bandwidths)
 
 
 def run_modes_interleaved(load_generator, modes: list[str], prompt_tokens: int, gen_tokens: int, repeats: int,
-                          split_tokens: int = 16, bandwidths: dict | None = None) -> list[dict]:
+                          split_tokens: int = 16, bandwidths: dict | None = None,
+                          prompt_text: str | None = None) -> list[dict]:
     """Measure several modes loaded at once, their repeats in turns (A, B, A, B, ...), so that a shared
     machine's drift slows every mode alike (on the 2-core VM one mode's repeats spread by 16-42% when the
     modes ran one after another). Every mode's memory is held at once: for CPU modes."""
-    runs = [_ModeRun(load_generator, mode, prompt_tokens) for mode in modes]
+    runs = [_ModeRun(load_generator, mode, prompt_tokens, prompt_text) for mode in modes]
     for _ in range(repeats):
         for run in runs:
             run.repeat(gen_tokens)

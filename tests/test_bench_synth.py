@@ -159,6 +159,20 @@ def test_bench_interleaves_the_repeats_of_cpu_modes(tmp_path, monkeypatch):
     assert results["cpu"]["bytes_per_token"]["cpu"] < results["dense-cpu"]["bytes_per_token"]["cpu"]
 
 
+def test_bench_takes_its_prompt_from_a_text_file(tmp_path, capsys):
+    text = tmp_path / "prompt.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 8)
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--synth", "tiny", "--modes", "dense-cpu", "--prompt-file", str(text), "--prompt-tokens",
+                 "8", "--gen-tokens", "4", "--repeats", "1", "--split-tokens", "0", "--calib-tokens", "1024",
+                 "--bandwidth-mib", "16", "--threads", "1", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["prompt"] == str(text)
+    text.write_text("two words")  # fewer tokens than --prompt-tokens: an error once the tokenizer has counted them
+    assert main(["bench", "--synth", "tiny", "--modes", "dense-cpu", "--prompt-file", str(text), "--calib-tokens",
+                 "256", "--bandwidth-mib", "16"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith("powerinfer bench: error: the prompt text holds")
+
+
 def _report_json(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"device": "cpu", "commit": "abc", "model": {"synthetic": True, "shape_name": "tiny"},
@@ -195,6 +209,7 @@ def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, caps
     (["bench", "--synth", "tiny", "--modes", "dense-cpu:int8"], "sparse modes only", 1),
     (["bench", "--synth", "tiny", "--modes", "cpu:float16"], "unknown CPU dtype", 1),
     (["bench", "--synth", "tiny", "--modes", "cpu,dense-gpu", "--interleave"], "CPU modes only", 1),
+    (["bench", "--synth", "tiny", "--modes", "dense-cpu", "--prompt-file", "{tmp}/none.txt"], "cannot read", 1),
     (["bench", "--plot-from", "{tmp}/none.json"], "--plot", 1),
     (["bench", "--plot-from", "{tmp}/none.json", "--plot", "{tmp}/p.png"], "cannot read", 1),
 ])

@@ -37,6 +37,9 @@ def add_arguments(p) -> None:
     p.add_argument("--vram-budget", type=positive_float, default=None, metavar="GiB",
                    help="GPU memory for hybrid (re-plans the placement), offload and hf-accelerate")
     p.add_argument("--prompt-tokens", type=positive_int, default=64)
+    p.add_argument("--prompt-file", default=None, metavar="TEXT",
+                   help="take the prompt from the start of this text file (default: random token ids, which are "
+                        "not language: a trained model's active neurons depend on the context)")
     p.add_argument("--gen-tokens", type=positive_int, default=128)
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--interleave", action="store_true",
@@ -96,6 +99,8 @@ def _modes(args, artifact: bool, cuda: bool) -> list[str]:
     else:
         modes = ((["hybrid", "gpu"] if artifact else []) + ["dense-gpu"]) if cuda else []
         modes += (["cpu"] if artifact else []) + ["dense-cpu"]
+    if args.prompt_file and "hf-accelerate" in {entry.partition(":")[0] for entry in modes}:
+        raise PowerInferError("--prompt-file: the hf-accelerate peer takes random token ids only")
     if args.interleave and not {entry.partition(":")[0] for entry in modes} <= {"cpu", "dense-cpu"}:
         raise PowerInferError("--interleave runs CPU modes only (cpu, dense-cpu): each GPU mode needs the GPU's "
                               "memory to itself (its peak memory is measured)")
@@ -148,6 +153,13 @@ def run(args) -> int:
     if args.plot:  # fail now, not after the benchmark
         require_matplotlib()
     context = args.prompt_tokens + args.gen_tokens + 8
+    prompt_text = None
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt_text = f.read(64 * args.prompt_tokens)  # more than enough characters for the tokens
+        except (OSError, UnicodeDecodeError) as e:
+            raise PowerInferError(f"--prompt-file: cannot read {args.prompt_file}: {e}") from None
     gpu_dtype = resolve_dtype(args.dtype, "cuda")
     log = sys.stderr
     started = time.perf_counter()
@@ -189,7 +201,7 @@ def run(args) -> int:
         "strategy": checkpoint.manifest["strategy"]["name"] if artifact else None},
         "vram_budget_gib": args.vram_budget, "threads": torch.get_num_threads(), "batch_size": 1,
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats,
-        "interleaved": args.interleave,
+        "interleaved": args.interleave, "prompt": args.prompt_file or "random token ids",
         "gpu_dtype": str(gpu_dtype).removeprefix("torch."), "cpu_dtype": args.cpu_dtype or "auto",
         "bandwidths_GBps": bandwidths,
         "bandwidth_method": {"cpu_read": "torch sum of a float32 buffer, configured threads",
@@ -201,7 +213,7 @@ def run(args) -> int:
         if args.interleave:
             print(f"benchmarking {', '.join(modes)} in turns ...", file=log, flush=True)
             report["results"] = run_modes_interleaved(load, modes, args.prompt_tokens, args.gen_tokens,
-                                                      args.repeats, args.split_tokens, bandwidths)
+                                                      args.repeats, args.split_tokens, bandwidths, prompt_text)
             report["seconds_total"] = round(time.perf_counter() - started, 1)
             if args.json:
                 _write_json(args.json, report)
@@ -218,7 +230,7 @@ def run(args) -> int:
                                            args.prompt_tokens, args.gen_tokens, args.repeats, gpu_dtype, bandwidths)
             else:
                 result = run_mode(load, mode, args.prompt_tokens, args.gen_tokens, args.repeats, args.split_tokens,
-                                  bandwidths)
+                                  bandwidths, prompt_text)
             report["results"].append(result)
             print(f"{mode}: {result['decode_tok_s']:.1f} tok/s decode (load {result['seconds']['load']:.1f} s, "
                   f"measure {result['seconds']['measure']:.1f} s)", file=log, flush=True)
