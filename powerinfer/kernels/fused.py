@@ -1,6 +1,7 @@
 """The small elementwise steps of a decoder layer, fused: RMSNorm (with the residual add before it) and the
 rotary embedding of q and k (with the KV-cache write), on the CPU also a decode token's whole attention; and
-the GPU's wait for the CPU's part of a hybrid layer. Plain-PyTorch references, Triton kernels (``triton_fused.py``) and dispatchers.
+the GPU's wait for the CPU's part of a hybrid layer. Plain-PyTorch references, Triton kernels
+(``triton_fused.py``) and dispatchers.
 
 At batch 1 these steps move a few KB each, but written as PyTorch ops they are ~30 kernels per layer
 (RMSNorm alone: cast, square, mean, add, rsqrt, two multiplies, cast), each a launch of a few microseconds
