@@ -52,6 +52,18 @@ def test_full_window_mask_equals_trimmed_window(tiny):
     torch.testing.assert_close(tiny.model(ids, torch.arange(9), a), tiny.model(ids, torch.arange(9), b))
 
 
+def test_attention_mask_is_none_only_where_causal_attention_is_the_same():
+    cache = KVCache(1, 1, 1, 4, 16, torch.float32, "cpu")
+    cache.set_window(6)
+    assert cache.attention_mask(torch.arange(6)) is None  # the tokens fill the window
+    assert cache.attention_mask(torch.tensor([5])) is None  # one decode token in the window's last slot
+    assert torch.equal(cache.attention_mask(torch.tensor([3])), torch.arange(6)[None] <= 3)
+    assert cache.attention_mask(torch.arange(2, 5)).shape == (3, 6)
+    sliding = KVCache(1, 1, 1, 4, 16, torch.float32, "cpu", sliding_window=4)
+    sliding.set_window(6)
+    assert torch.equal(sliding.attention_mask(torch.tensor([5])), torch.tensor([[False, False, True, True, True, True]]))
+
+
 def test_generator_greedy_equals_argmax_loop(tiny):
     prompt = [256, 10, 20, 30]
     ids = torch.tensor([prompt])

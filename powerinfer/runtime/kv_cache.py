@@ -66,9 +66,13 @@ class KVCache:
     def attention_mask(self, positions: torch.Tensor) -> torch.Tensor | None:
         """[T, window] boolean mask: query at position p sees slots <= p (and > p - sliding_window).
 
-        None when the T tokens fill the whole window: they are then positions 0..T-1 (the window covers
-        every written slot) and plain causal attention is the same thing, with a faster kernel."""
-        if len(positions) == self.window > 1 and (not self.sliding_window or self.sliding_window >= self.window):
+        None when plain causal attention is the same thing, with a faster kernel: the T tokens fill the whole
+        window (they are then positions 0..T-1: the window covers every written slot), or one token on the CPU
+        is the window's last slot (an eager decode step; on a GPU reading its position would synchronise)."""
+        whole = not self.sliding_window or self.sliding_window >= self.window
+        if len(positions) == self.window > 1 and whole:
+            return None
+        if len(positions) == 1 and positions.device.type == "cpu" and whole and int(positions[0]) == self.window - 1:
             return None
         slots = self._slots_on.get(positions.device)
         if slots is None:
