@@ -70,8 +70,6 @@ _JIT = dict(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
 
 # Output columns reduced per task in the partial-sum pass (1 KiB of float32).
 _REDUCE_COLUMNS = 256
-# Rows of w_down_t combined per accumulator pass (the loop in _down_kernel is unrolled for 4).
-_DOWN_ROWS = 4
 
 
 def set_num_threads(n: int) -> None:
@@ -194,11 +192,29 @@ def _gate_up_kernel(x, w_gate, w_up, idx, code, threshold, n_tasks, out):
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
 def _accumulate_rows(acc, h, ids, start, stop, w_down_t, s_down):
-    """acc[t] += h[t, j] * w_down_t[ids[j]] for j in [start, stop): four rows per pass over acc (one
-    load/store of the accumulator per four FMAs). `s_down`: row scales of int8 weights (None for float)."""
+    """acc[t] += h[t, j] * w_down_t[ids[j]] for j in [start, stop): eight rows per pass over acc (one load and
+    store of the accumulator per eight FMAs; 1,100 bfloat16 rows of 4,096 at one thread on the 2-core VM:
+    0.95 -> 0.69-0.77 ms against four per pass, float32 3% faster), then four, then one. `s_down`: row scales
+    of int8 weights (None for float)."""
     n_tokens, d = acc.shape
     j = start
-    while j + _DOWN_ROWS <= stop:
+    while j + 8 <= stop:
+        r0, r1, r2, r3 = w_down_t[ids[j]], w_down_t[ids[j + 1]], w_down_t[ids[j + 2]], w_down_t[ids[j + 3]]
+        r4, r5, r6, r7 = w_down_t[ids[j + 4]], w_down_t[ids[j + 5]], w_down_t[ids[j + 6]], w_down_t[ids[j + 7]]
+        s0, s1, s2, s3 = (_scale(s_down, ids[j]), _scale(s_down, ids[j + 1]), _scale(s_down, ids[j + 2]),
+                          _scale(s_down, ids[j + 3]))
+        s4, s5, s6, s7 = (_scale(s_down, ids[j + 4]), _scale(s_down, ids[j + 5]), _scale(s_down, ids[j + 6]),
+                          _scale(s_down, ids[j + 7]))
+        for t in range(n_tokens):
+            c0, c1, c2, c3 = h[t, j] * s0, h[t, j + 1] * s1, h[t, j + 2] * s2, h[t, j + 3] * s3
+            c4, c5, c6, c7 = h[t, j + 4] * s4, h[t, j + 5] * s5, h[t, j + 6] * s6, h[t, j + 7] * s7
+            acc_t = acc[t]
+            for c in range(d):
+                acc_t[c] += ((c0 * _weight(r0, c) + c1 * _weight(r1, c)) + (c2 * _weight(r2, c)
+                             + c3 * _weight(r3, c)) + (c4 * _weight(r4, c) + c5 * _weight(r5, c))
+                             + (c6 * _weight(r6, c) + c7 * _weight(r7, c)))
+        j += 8
+    while j + 4 <= stop:
         r0, r1, r2, r3 = w_down_t[ids[j]], w_down_t[ids[j + 1]], w_down_t[ids[j + 2]], w_down_t[ids[j + 3]]
         s0, s1 = _scale(s_down, ids[j]), _scale(s_down, ids[j + 1])
         s2, s3 = _scale(s_down, ids[j + 2]), _scale(s_down, ids[j + 3])
@@ -208,7 +224,7 @@ def _accumulate_rows(acc, h, ids, start, stop, w_down_t, s_down):
             for c in range(d):
                 acc_t[c] += (c0 * _weight(r0, c) + c1 * _weight(r1, c) + c2 * _weight(r2, c)
                              + c3 * _weight(r3, c))
-        j += _DOWN_ROWS
+        j += 4
     while j < stop:
         row = w_down_t[ids[j]]
         scale = _scale(s_down, ids[j])
