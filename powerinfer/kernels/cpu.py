@@ -6,7 +6,7 @@ instead of converting the sparse activation pattern to a dense format.
 
 * gate/up: a gather-dot. Threads split the active rows; each row of ``w_gate`` and
   ``w_up`` is streamed from memory once and dotted with every token of ``x``, two neurons per pass.
-* down: an AXPY over the active rows of ``w_down_t`` ([n_ff, d], row = neuron). The
+* down: an AXPY over the active rows of ``w_down_t`` ([n_ff, d], row = neuron), eight per pass. The
   original PowerInfer lets threads add into the same output vector unsynchronised;
   here every thread owns a private partial sum and a second parallel pass adds the
   partials column block by column block, so no output element has two writers.
@@ -16,6 +16,7 @@ instead of converting the sparse activation pattern to a dense format.
   the executor's CPU part is one dispatch per layer; a neuron whose h stays 0 never has its down
   row read.
 * dense GEMV: y = x @ W^T for a few tokens (decode), each row read once, long rows four per pass.
+* decode attention: one token's rotary, KV-cache write and softmax attention over the cache (``fused``).
 * row layouts: each weight is a contiguous [n_ff, d] matrix or a slice ``bundle[:, j]`` of a neuron bundle
   [n_ff, k, d] (`row_stride`), where a neuron's gate, up and down rows are adjacent, so an active neuron is one
   run of memory; the kernels step rows by k (the executor bundles its CPU rows for the predicted-sparse FFN).
