@@ -194,10 +194,12 @@ def roofline(traffic: dict, bandwidths: dict, decode_tok_s: float | None = None)
 
 # -- the instrumented decode -------------------------------------------------------------------------------
 
-def decode_split(gen, prompt: list[int], tokens: int) -> tuple[dict, tuple[float, float] | None]:
-    """Per-token seconds of `tokens` greedy decode steps split into GPU compute, CPU compute, PCIe transfers
-    and the rest (`overhead_s`: Python, launches, synchronisation not hidden behind other work;
-    `overlap_s`: time the GPU and CPU parts ran at once), and the active FFN rows per token on each side."""
+def decode_split(gen, prompt: list[int], tokens: int, sampling=None) -> tuple[dict, tuple[float, float] | None]:
+    """Per-token seconds of `tokens` decode steps (greedy, or with `sampling`) split into GPU compute, CPU
+    compute, PCIe transfers and the rest (`overhead_s`: Python, launches, synchronisation not hidden behind
+    other work; `overlap_s`: time the GPU and CPU parts ran at once), and the active FFN rows per token on
+    each side."""
+    from powerinfer.runtime import Sampler, SamplingParams
     from powerinfer.runtime.executor import HybridTransformer
     from powerinfer.runtime.timing import PhaseTimer
 
@@ -208,8 +210,9 @@ def decode_split(gen, prompt: list[int], tokens: int) -> tuple[dict, tuple[float
     counts = getattr(model, "counts", None)
     whole_step = "gpu" if cuda and (gen.use_graphs or not executor) else None
     wall, position = 0.0, len(prompt)
+    sampler = Sampler(sampling or SamplingParams(temperature=0), gen.device)
     with torch.inference_mode():
-        token = gen.prefill(prompt).argmax(-1)
+        token = sampler(gen.prefill(prompt))
         int(token)
         if counts is not None:
             counts.hot.zero_()
@@ -226,7 +229,7 @@ def decode_split(gen, prompt: list[int], tokens: int) -> tuple[dict, tuple[float
                     with timer.cpu():
                         logits = gen.decode_step(token, position)
                 timer.mark(whole_step)
-                token = logits.argmax(-1)
+                token = sampler(logits)
                 int(token)  # the generation loop synchronises once per token too
                 wall += time.perf_counter() - start
                 position += 1
@@ -320,13 +323,14 @@ def hf_directory(checkpoint, tmp_root: str, dtype):
 class _ModeRun:
     """One mode's loaded generator and its timed repeats so far."""
 
-    def __init__(self, load_generator, mode: str, prompt_tokens: int, prompt_text: str | None = None):
+    def __init__(self, load_generator, mode: str, prompt_tokens: int, prompt_text: str | None = None,
+                 sampling=None):
         from powerinfer.runtime import SamplingParams
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        self.mode, self.greedy = mode, SamplingParams(temperature=0)
+        self.mode, self.sampling = mode, sampling or SamplingParams(temperature=0)
         started = time.perf_counter()
         self.gen = load_generator(mode)
         self.load_s = time.perf_counter() - started
@@ -337,7 +341,7 @@ class _ModeRun:
             if len(self.prompt) < prompt_tokens:
                 raise PowerInferError(f"the prompt text holds {len(self.prompt)} tokens, fewer than the "
                                       f"{prompt_tokens} of --prompt-tokens")
-        self.gen.generate(self.prompt, max_tokens=4, sampling=self.greedy, ignore_eos=True)  # warm-up, graphs
+        self.gen.generate(self.prompt, max_tokens=4, sampling=self.sampling, ignore_eos=True)  # warm-up, graphs
         self.decode, self.prefill, self.ttft = [], [], []
         self.measure_s = time.perf_counter() - started - self.load_s
 
@@ -347,7 +351,7 @@ class _ModeRun:
 
         stats, first = GenerationStats(), None
         start = time.perf_counter()
-        for _chunk in self.gen.stream(self.prompt, gen_tokens, self.greedy, stats=stats, ignore_eos=True):
+        for _chunk in self.gen.stream(self.prompt, gen_tokens, self.sampling, stats=stats, ignore_eos=True):
             if first is None:
                 first = time.perf_counter() - start
         self.measure_s += time.perf_counter() - start
@@ -383,7 +387,8 @@ class _ModeRun:
                 "cpu_ffn_dtype": str(plan.cold_dtype).removeprefix("torch.")}
         active = None
         if split_tokens:
-            result["decode_split"], active = decode_split(gen, self.prompt, min(split_tokens, gen_tokens))
+            result["decode_split"], active = decode_split(gen, self.prompt, min(split_tokens, gen_tokens),
+                                                          self.sampling)
             if active is not None:
                 result["active_rows_per_token"] = {"gpu": round(active[0], 1), "cpu": round(active[1], 1)}
         traffic = bytes_per_token(gen.model, active, len(self.prompt) + gen_tokens // 2)
@@ -401,10 +406,12 @@ class _ModeRun:
 
 
 def run_mode(load_generator, mode: str, prompt_tokens: int, gen_tokens: int, repeats: int,
-             split_tokens: int = 16, bandwidths: dict | None = None, prompt_text: str | None = None) -> dict:
+             split_tokens: int = 16, bandwidths: dict | None = None, prompt_text: str | None = None,
+             sampling=None) -> dict:
     """Measure one mode; `load_generator(mode)` returns a ready `Generator`. The prompt: the first
-    `prompt_tokens` tokens of `prompt_text`, else random token ids."""
-    run = _ModeRun(load_generator, mode, prompt_tokens, prompt_text)
+    `prompt_tokens` tokens of `prompt_text`, else random token ids; decoding greedy unless `sampling` (a
+    `SamplingParams`; seeded, every repeat draws the same tokens)."""
+    run = _ModeRun(load_generator, mode, prompt_tokens, prompt_text, sampling)
     for _ in range(repeats):
         run.repeat(gen_tokens)
     return run.result(gen_tokens, split_tokens, bandwidths)
@@ -412,11 +419,11 @@ def run_mode(load_generator, mode: str, prompt_tokens: int, gen_tokens: int, rep
 
 def run_modes_interleaved(load_generator, modes: list[str], prompt_tokens: int, gen_tokens: int, repeats: int,
                           split_tokens: int = 16, bandwidths: dict | None = None,
-                          prompt_text: str | None = None) -> list[dict]:
+                          prompt_text: str | None = None, sampling=None) -> list[dict]:
     """Measure several modes loaded at once, their repeats in turns (A, B, A, B, ...), so that a shared
     machine's drift slows every mode alike (on the 2-core VM one mode's repeats spread by 16-42% when the
     modes ran one after another). Every mode's memory is held at once: for CPU modes."""
-    runs = [_ModeRun(load_generator, mode, prompt_tokens, prompt_text) for mode in modes]
+    runs = [_ModeRun(load_generator, mode, prompt_tokens, prompt_text, sampling) for mode in modes]
     for _ in range(repeats):
         for run in runs:
             run.repeat(gen_tokens)

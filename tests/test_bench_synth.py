@@ -159,7 +159,7 @@ def test_bench_interleaves_the_repeats_of_cpu_modes(tmp_path, monkeypatch):
     assert results["cpu"]["bytes_per_token"]["cpu"] < results["dense-cpu"]["bytes_per_token"]["cpu"]
 
 
-def test_bench_takes_its_prompt_from_a_text_file(tmp_path, capsys):
+def test_bench_takes_its_prompt_from_a_text_file_and_samples_at_a_temperature(tmp_path, capsys):
     text = tmp_path / "prompt.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 8)
     path = tmp_path / "bench.json"
@@ -167,6 +167,10 @@ def test_bench_takes_its_prompt_from_a_text_file(tmp_path, capsys):
                  "8", "--gen-tokens", "4", "--repeats", "1", "--split-tokens", "0", "--calib-tokens", "1024",
                  "--bandwidth-mib", "16", "--threads", "1", "--json", str(path)]) == 0
     assert json.loads(path.read_text())["prompt"] == str(text)
+    assert main(["bench", "--synth", "tiny", "--modes", "dense-cpu", "--temperature", "0.8", "--prompt-tokens", "8",
+                 "--gen-tokens", "4", "--repeats", "2", "--split-tokens", "2", "--calib-tokens", "1024",
+                 "--bandwidth-mib", "16", "--threads", "1", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["sampling"] == {"temperature": 0.8, "seed": 0}
     text.write_text("two words")  # fewer tokens than --prompt-tokens: an error once the tokenizer has counted them
     assert main(["bench", "--synth", "tiny", "--modes", "dense-cpu", "--prompt-file", str(text), "--calib-tokens",
                  "256", "--bandwidth-mib", "16"]) == 1
@@ -210,6 +214,9 @@ def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, caps
     (["bench", "--synth", "tiny", "--modes", "cpu:float16"], "unknown CPU dtype", 1),
     (["bench", "--synth", "tiny", "--modes", "cpu,dense-gpu", "--interleave"], "CPU modes only", 1),
     (["bench", "--synth", "tiny", "--modes", "dense-cpu", "--prompt-file", "{tmp}/none.txt"], "cannot read", 1),
+    (["bench", "--synth", "tiny", "--modes", "hf-accelerate", "--vram-budget", "1", "--temperature", "0.5"],
+     "greedily", 1),
+    (["bench", "--synth", "tiny", "--temperature", "-1"], "--temperature", 2),
     (["bench", "--plot-from", "{tmp}/none.json"], "--plot", 1),
     (["bench", "--plot-from", "{tmp}/none.json", "--plot", "{tmp}/p.png"], "cannot read", 1),
 ])

@@ -41,6 +41,9 @@ def add_arguments(p) -> None:
                    help="take the prompt from the start of this text file (default: random token ids, which are "
                         "not language: a trained model's active neurons depend on the context)")
     p.add_argument("--gen-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=_number(float, lambda v: v >= 0, "a number >= 0"), default=0.0,
+                   help="sample the generated tokens at this temperature, seed 0 (default 0: greedy; a small "
+                        "model's greedy output can loop over a few tokens whose activations are not typical)")
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--interleave", action="store_true",
                    help="CPU modes only: load them all at once and time their repeats in turns, so a shared "
@@ -99,8 +102,9 @@ def _modes(args, artifact: bool, cuda: bool) -> list[str]:
     else:
         modes = ((["hybrid", "gpu"] if artifact else []) + ["dense-gpu"]) if cuda else []
         modes += (["cpu"] if artifact else []) + ["dense-cpu"]
-    if args.prompt_file and "hf-accelerate" in {entry.partition(":")[0] for entry in modes}:
-        raise PowerInferError("--prompt-file: the hf-accelerate peer takes random token ids only")
+    if (args.prompt_file or args.temperature) and "hf-accelerate" in {entry.partition(":")[0] for entry in modes}:
+        raise PowerInferError("--prompt-file and --temperature: the hf-accelerate peer decodes random token ids "
+                              "greedily")
     if args.interleave and not {entry.partition(":")[0] for entry in modes} <= {"cpu", "dense-cpu"}:
         raise PowerInferError("--interleave runs CPU modes only (cpu, dense-cpu): each GPU mode needs the GPU's "
                               "memory to itself (its peak memory is measured)")
@@ -140,6 +144,7 @@ def run(args) -> int:
                                   synthetic_artifact)
     from powerinfer.errors import PowerInferError
     from powerinfer.loading import open_checkpoint, resolve_dtype
+    from powerinfer.runtime import SamplingParams
 
     if args.plot_from:
         return _plot_from(args)
@@ -153,6 +158,7 @@ def run(args) -> int:
     if args.plot:  # fail now, not after the benchmark
         require_matplotlib()
     context = args.prompt_tokens + args.gen_tokens + 8
+    sampling = SamplingParams(temperature=args.temperature, seed=0) if args.temperature else None
     prompt_text = None
     if args.prompt_file:
         try:
@@ -202,6 +208,7 @@ def run(args) -> int:
         "vram_budget_gib": args.vram_budget, "threads": torch.get_num_threads(), "batch_size": 1,
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats,
         "interleaved": args.interleave, "prompt": args.prompt_file or "random token ids",
+        "sampling": {"temperature": args.temperature, "seed": 0} if args.temperature else "greedy",
         "gpu_dtype": str(gpu_dtype).removeprefix("torch."), "cpu_dtype": args.cpu_dtype or "auto",
         "bandwidths_GBps": bandwidths,
         "bandwidth_method": {"cpu_read": "torch sum of a float32 buffer, configured threads",
@@ -213,7 +220,8 @@ def run(args) -> int:
         if args.interleave:
             print(f"benchmarking {', '.join(modes)} in turns ...", file=log, flush=True)
             report["results"] = run_modes_interleaved(load, modes, args.prompt_tokens, args.gen_tokens,
-                                                      args.repeats, args.split_tokens, bandwidths, prompt_text)
+                                                      args.repeats, args.split_tokens, bandwidths, prompt_text,
+                                                      sampling)
             report["seconds_total"] = round(time.perf_counter() - started, 1)
             if args.json:
                 _write_json(args.json, report)
@@ -230,7 +238,7 @@ def run(args) -> int:
                                            args.prompt_tokens, args.gen_tokens, args.repeats, gpu_dtype, bandwidths)
             else:
                 result = run_mode(load, mode, args.prompt_tokens, args.gen_tokens, args.repeats, args.split_tokens,
-                                  bandwidths, prompt_text)
+                                  bandwidths, prompt_text, sampling)
             report["results"].append(result)
             print(f"{mode}: {result['decode_tok_s']:.1f} tok/s decode (load {result['seconds']['load']:.1f} s, "
                   f"measure {result['seconds']['measure']:.1f} s)", file=log, flush=True)
