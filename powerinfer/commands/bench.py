@@ -102,10 +102,11 @@ def _modes(args, artifact: bool, cuda: bool) -> list[str]:
     else:
         modes = ((["hybrid", "gpu"] if artifact else []) + ["dense-gpu"]) if cuda else []
         modes += (["cpu"] if artifact else []) + ["dense-cpu"]
-    if (args.prompt_file or args.temperature) and "hf-accelerate" in {entry.partition(":")[0] for entry in modes}:
+    names = {entry.partition(":")[0] for entry in modes}
+    if (args.prompt_file or args.temperature) and "hf-accelerate" in names:
         raise PowerInferError("--prompt-file and --temperature: the hf-accelerate peer decodes random token ids "
                               "greedily")
-    if args.interleave and not {entry.partition(":")[0] for entry in modes} <= {"cpu", "dense-cpu"}:
+    if args.interleave and not names <= {"cpu", "dense-cpu"}:
         raise PowerInferError("--interleave runs CPU modes only (cpu, dense-cpu): each GPU mode needs the GPU's "
                               "memory to itself (its peak memory is measured)")
     for entry in modes:
@@ -124,7 +125,6 @@ def _modes(args, artifact: bool, cuda: bool) -> list[str]:
             check_hf_accelerate()
         if mode in ("hybrid", "gpu", "dense-gpu", "offload") and not cuda:
             raise PowerInferError(f"mode {mode} needs a CUDA GPU")
-    names = {entry.partition(":")[0] for entry in modes}
     for mode in ("offload", "hf-accelerate") + (("hybrid",) if args.synth else ()):
         if mode in names and args.vram_budget is None:
             raise PowerInferError(f"the {mode} mode needs --vram-budget GiB")
