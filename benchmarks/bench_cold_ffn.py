@@ -32,7 +32,6 @@ artifact orders cold rows, or uniformly with --uniform.
 import powerinfer  # noqa: F401  (before torch: the OpenMP wait policy)
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from common import add_cold_ffn_arguments
+from common import add_cold_ffn_arguments, write_json
 from powerinfer.bench import environment, measure_bandwidths
 from powerinfer.kernels import cpu
 from powerinfer.runtime.host_memory import huge_page_copy
@@ -210,8 +209,7 @@ def main():
                             "distribution": "uniform" if args.uniform else "hot-first", "dtype": "bfloat16"},
                   "active_bytes_per_call": active_bytes, "cpu_stream_gb_s": bandwidth,
                   "ideal_us_per_call": round(ideal_us, 1), "results": results}
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

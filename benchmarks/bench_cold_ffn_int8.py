@@ -15,13 +15,12 @@ float32, bfloat16 and int8 CPU rows on the first --ppl-tokens of --data.
 import powerinfer  # noqa: F401  (before torch: the OpenMP wait policy)
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
-from common import add_cold_ffn_arguments
+from common import add_cold_ffn_arguments, write_json
 from powerinfer.bench import environment
 from powerinfer.kernels import cpu
 from powerinfer.kernels.sparse_ffn import quantize_rows_int8
@@ -104,8 +103,7 @@ def main():
         report["perplexity"] = {"artifact": args.artifact, "data": args.data, "tokens": args.ppl_tokens,
                                 **perplexities(args.artifact, args.data, args.ppl_tokens, 256)}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

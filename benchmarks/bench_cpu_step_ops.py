@@ -12,12 +12,12 @@ each figure is the minimum over --batches batches of --calls calls: the cost wit
 import powerinfer  # noqa: F401  (before torch: the OpenMP wait policy)
 
 import argparse
-import json
 import time
 
 import torch
 import torch.nn.functional as F
 
+from common import write_json
 from powerinfer.bench import environment
 from powerinfer.kernels import cpu, fused
 
@@ -70,9 +70,9 @@ def main():
             results[d] = {name: min_us(fn, args.calls, args.batches) for name, fn in operators(d, 2 * d).items()}
             print(f"d={d}: " + ", ".join(f"{k} {v} us" for k, v in results[d].items()), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**environment(cuda=False), "benchmark": "cpu_step_ops", "unit": "us per call, min over batches",
-                       "calls": args.calls, "batches": args.batches, "results": results}, f, indent=1)
+        write_json(args.json, {**environment(cuda=False), "benchmark": "cpu_step_ops",
+                               "unit": "us per call, min over batches", "calls": args.calls, "batches": args.batches,
+                               "results": results})
 
 
 if __name__ == "__main__":
