@@ -683,13 +683,22 @@ def masked_ffn(x, w_gate, w_up, w_down_t, mask, activation, *, threshold: float 
 
 # -- the small steps of a decoder layer (kernels/fused.py), float32 --------------------------------------------
 
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _rotate_half(source, cos, sin, target):
+    """target = source rotated by the angles (rotate-half layout: element i pairs with i + D/2)."""
+    half = source.shape[0] // 2
+    for i in range(half):
+        x1, x2 = source[i], source[half + i]
+        target[i] = x1 * cos[i] - x2 * sin[i]
+        target[half + i] = x2 * cos[i] + x1 * sin[i]
+
+
 @njit(fastmath=_FASTMATH, cache=True, nogil=True)
 def _rotary_kernel(qkv, cos, sin, n_heads, n_kv_heads, slots, to_cache, q, k, v):
     """q rotated; k rotated (and, `to_cache`, v) into slot slots[t] of k / v ([B, KV, S, D]). False, with
     nothing written, when a slot lies outside [0, S)."""
     batch, seq, width = qkv.shape
     head_dim = width // (n_heads + 2 * n_kv_heads)
-    half = head_dim // 2
     for t in range(seq):
         if slots[t] < 0 or slots[t] >= k.shape[2]:
             return False
@@ -697,12 +706,8 @@ def _rotary_kernel(qkv, cos, sin, n_heads, n_kv_heads, slots, to_cache, q, k, v)
         for t in range(seq):
             slot = slots[t]
             for head in range(n_heads + n_kv_heads):
-                source = qkv[b, t, head * head_dim:(head + 1) * head_dim]
                 target = q[b, head, t] if head < n_heads else k[b, head - n_heads, slot]
-                for i in range(half):
-                    x1, x2 = source[i], source[half + i]
-                    target[i] = x1 * cos[t, i] - x2 * sin[t, i]
-                    target[half + i] = x2 * cos[t, i] + x1 * sin[t, i]
+                _rotate_half(qkv[b, t, head * head_dim:(head + 1) * head_dim], cos[t], sin[t], target)
             if to_cache:
                 for head in range(n_kv_heads):
                     start = (n_heads + n_kv_heads + head) * head_dim
@@ -739,16 +744,11 @@ def _decode_attention_kernel(qkv, cos, sin, n_heads, n_kv_heads, keys, values, s
     """One token: q and k rotated, k and v written into `slot` of keys / values ([KV, S, D]), then each head's
     softmax attention over slots [first, last] into out [H * D]. False, with nothing written, for a bad range."""
     head_dim = q.shape[1]
-    half = head_dim // 2
     if slot < 0 or slot >= keys.shape[1] or first < 0 or first > last or last >= keys.shape[1]:
         return False
     for head in range(n_heads + n_kv_heads):
-        source = qkv[head * head_dim:(head + 1) * head_dim]
         target = q[head] if head < n_heads else keys[head - n_heads, slot]
-        for i in range(half):
-            x1, x2 = source[i], source[half + i]
-            target[i] = x1 * cos[i] - x2 * sin[i]
-            target[half + i] = x2 * cos[i] + x1 * sin[i]
+        _rotate_half(qkv[head * head_dim:(head + 1) * head_dim], cos, sin, target)
     for head in range(n_kv_heads):
         start = (n_heads + n_kv_heads + head) * head_dim
         values[head, slot] = qkv[start:start + head_dim]
