@@ -18,8 +18,11 @@ import gc
 import os
 import json
 import time
+import traceback
 from collections import defaultdict
 
+import numba
+import numpy as np
 import torch
 
 from powerinfer.bench import environment, random_prompt, synthetic_artifact
@@ -62,6 +65,8 @@ def main():
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--sweep-threads", default="", help="also time decode at these thread counts, e.g. 4,8")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler table")
+    p.add_argument("--cold-study", action="store_true",
+                   help="also time the cold FFN calls in isolation under decode-like conditions (see cold_study)")
     p.add_argument("--compare", default="",
                    help="also time these MODE:CPU_DTYPE executors of the same artifact, e.g. "
                         "hybrid:float32,offload:bfloat16,offload:float32")
@@ -118,6 +123,12 @@ def main():
                     cold()
             report["cold_ffn_alone_ms_per_token"] = round(1e3 * (time.perf_counter() - start) / args.steps, 3)
         print(json.dumps({k: v for k, v in report.items() if "_ms" in k or k.startswith("split")}), flush=True)
+        if args.cold_study and segments:
+            try:
+                report["cold_study_us_per_call"] = cold_study(gen, prompt, args.steps)
+                print("cold study (us per call)", report["cold_study_us_per_call"], flush=True)
+            except Exception:  # a diagnostic: the rest of the report still counts
+                traceback.print_exc()
         sweep = defaultdict(list)  # a thread count may be listed twice: both times are kept
         for threads in [int(n) for n in args.sweep_threads.split(",") if n]:
             set_threads(threads)
@@ -159,6 +170,117 @@ def main():
             e.key: round(e.self_cpu_time_total / 4, 1)
             for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]}
     _write(report, args.json)
+
+
+def cold_study(gen, prompt, steps) -> dict:
+    """Why a layer's cold FFN takes longer inside a decode step than alone: the same bound calls timed one by
+    one (perf_counter around each call only) under conditions that differ in one thing each.
+    - decode_queued / decode_in_turn: inside decode steps, graphs queued ahead (the GPU polls the host flag
+      meanwhile) or launched layer by layer;
+    - replay_bound: each step's recorded inputs (x and mask of every layer) put back and the calls run back to
+      back, so the rows touched follow decode's order of masks;
+    - replay_after_gpu_wait: the same, each call after the host waited on an event behind a ~100 us GPU
+      kernel (as in decode, where it waits for the layer's attention);
+    - replay_after_spin: the same, each call after a 100 us busy wait on the host instead;
+    - replay_same_step: one step's inputs replayed every time (rows cached in the LLC as far as they fit);
+    - replay_threads_N: the same as replay_bound on N threads.
+    Medians, means, and per kind a least-squares fit seconds = fixed + rows * bytes per row / marginal rate."""
+    segments = gen._segments
+    model = gen.model
+    layers = [(i, cold) for i, (_, _, cold, _) in enumerate(segments.layers) if cold is not None]
+    d = model.args.hidden_size
+    # the pinned views the graphs write and the bound calls read (the prompt is the one they were captured after)
+    buffers = {i: (model.ffns[i].pinned_input((1, d)),
+                   model.ffns[i]._pinned_buffer("mask", (model.ffns[i].n_ff - model.ffns[i].n_hot,), torch.bool))
+               for i, _ in layers}
+    recorded, times = [], defaultdict(list)
+    calls = defaultdict(list)  # name: [(active rows, seconds)]
+
+    def timed(name, i, cold, record=False):
+        def call():
+            x, mask = buffers[i]
+            if record:
+                recorded[-1].append((i, x.clone(), mask.clone()))
+            k = int(mask.sum())
+            start = time.perf_counter()
+            cold()
+            elapsed = time.perf_counter() - start
+            times[name].append(elapsed)
+            calls[name].append((k, elapsed))
+        return call
+
+    original = segments.layers
+    try:
+        for queue_ahead, name in ((True, "decode_queued"), (False, "decode_in_turn")):
+            segments.queue_ahead = queue_ahead
+            segments.layers = [(a, b, cold and timed(name, i, cold, record=queue_ahead), e)
+                               for i, (a, b, cold, e) in enumerate(original)]
+            token = gen.prefill(prompt).argmax(-1)
+            times[name].clear()  # the prefill's calls
+            calls[name].clear()
+            for position in range(len(prompt), len(prompt) + steps):
+                if queue_ahead:
+                    recorded.append([])
+                token = gen.decode_step(token, position).argmax(-1)
+                int(token)
+    finally:
+        segments.layers, segments.queue_ahead = original, True
+    colds = dict(layers)
+    variants = {"bound": (colds, None)}  # name: (call per layer, thread count or None)
+    for threads in (12, 14):
+        variants[f"threads_{threads}"] = (colds, threads)
+    event = torch.cuda.Event()
+
+    def replay(name, steps_inputs, ops=colds, before=None):
+        for step in steps_inputs:
+            for i, x, mask in step:
+                buffers[i][0].copy_(x)
+                buffers[i][1].copy_(mask)
+                if before is not None:
+                    before()
+                start = time.perf_counter()
+                ops[i]()
+                elapsed = time.perf_counter() - start
+                times[name].append(elapsed)
+                calls[name].append((int(mask.sum()), elapsed))
+
+    def gpu_wait():
+        torch.cuda._sleep(100_000)  # ~50-100 us of GPU clock cycles
+        event.record()
+        event.synchronize()
+
+    def spin():
+        end = time.perf_counter() + 100e-6
+        while time.perf_counter() < end:
+            pass
+
+    threads_before = numba.get_num_threads()
+    for _ in range(2):  # alternated, twice
+        replay("replay_after_gpu_wait", recorded, before=gpu_wait)
+        replay("replay_after_spin", recorded, before=spin)
+        replay("replay_same_step", [recorded[-1]] * len(recorded))
+        for name, (ops, threads) in variants.items():
+            set_threads(threads or threads_before)
+            try:
+                replay(f"replay_{name}", recorded, ops)
+            finally:
+                set_threads(threads_before)
+    out = {name: round(1e6 * sorted(v)[len(v) // 2], 1) for name, v in times.items()}
+    out.update({f"{name}_mean": round(1e6 * sum(v) / len(v), 1) for name, v in times.items()})
+    n_active = [int(mask.sum()) for step in recorded for _, _, mask in step]
+    out["predicted_cold_rows_mean"] = round(sum(n_active) / len(n_active), 1)
+    out["predicted_cold_rows_quartiles"] = [int(q) for q in np.percentile(n_active, [0, 25, 50, 75, 100])]
+    out["decode_queued_calls_rows_us"] = [[k, round(1e6 * sec, 1)] for k, sec in calls["decode_queued"]]
+    neuron_bytes = model.ffns[layers[0][0]]._cold_ffn.neuron_bytes
+    for name, pairs in calls.items():  # seconds = fixed + per_row * rows, least squares
+        k, sec = np.array(pairs, dtype=np.float64).T
+        (per_row, fixed), *_ = np.linalg.lstsq(np.stack([k, np.ones_like(k)], 1), sec, rcond=None)
+        residual = sec - (per_row * k + fixed)
+        out[f"{name}_fit"] = {"fixed_us": round(1e6 * float(fixed), 1),
+                              "marginal_GBps": round(neuron_bytes / float(per_row) / 1e9, 1),
+                              "residual_us_p50_p90_p99": [round(1e6 * float(q), 1)
+                                                          for q in np.percentile(residual, [50, 90, 99])]}
+    return out
 
 
 def _gpu_timeline(events, step_s: float, steps: int) -> dict:
