@@ -46,7 +46,7 @@ def main() -> None:
             kernel = cpu._masked_ffn_kernel_serial if tasks == 1 else cpu._masked_ffn_kernel
 
             def call(i):
-                kernel(x, *layers[i].weights, masks[i], 1, code, threshold, partial[:tasks], out)
+                kernel(x, *layers[i].weights, *layers[i].scales, masks[i], 1, code, threshold, partial[:tasks], out)
 
             for i in range(3):  # compile and warm up
                 call(i)
