@@ -226,12 +226,9 @@ def cold_study(gen, prompt, steps) -> dict:
     finally:
         segments.layers, segments.queue_ahead = original, True
     colds = dict(layers)
-    variants = {"bound": (colds, None)}  # name: (call per layer, thread count or None)
-    for threads in (12, 14):
-        variants[f"threads_{threads}"] = (colds, threads)
     event = torch.cuda.Event()
 
-    def replay(name, steps_inputs, ops=colds, before=None):
+    def replay(name, steps_inputs, before=None):
         for step in steps_inputs:
             for i, x, mask in step:
                 buffers[i][0].copy_(x)
@@ -239,7 +236,7 @@ def cold_study(gen, prompt, steps) -> dict:
                 if before is not None:
                     before()
                 start = time.perf_counter()
-                ops[i]()
+                colds[i]()
                 elapsed = time.perf_counter() - start
                 times[name].append(elapsed)
                 calls[name].append((int(mask.sum()), elapsed))
@@ -259,10 +256,10 @@ def cold_study(gen, prompt, steps) -> dict:
         replay("replay_after_gpu_wait", recorded, before=gpu_wait)
         replay("replay_after_spin", recorded, before=spin)
         replay("replay_same_step", [recorded[-1]] * len(recorded))
-        for name, (ops, threads) in variants.items():
-            set_threads(threads or threads_before)
+        for threads in (threads_before, 12, 14):
+            set_threads(threads)
             try:
-                replay(f"replay_{name}", recorded, ops)
+                replay("replay_bound" if threads == threads_before else f"replay_threads_{threads}", recorded)
             finally:
                 set_threads(threads_before)
     out = {name: round(1e6 * sorted(v)[len(v) // 2], 1) for name, v in times.items()}
