@@ -178,6 +178,22 @@ def test_bound_masked_ffn_reads_what_its_buffers_hold_at_each_call(weight_dtype)
         op(x_buf[:1], mask_buf, out_buf)
 
 
+@needs_numba
+@pytest.mark.usefixtures("cpu_path")
+@pytest.mark.parametrize("offset", [1, 3, 7])
+def test_masked_ffn_reads_a_mask_at_any_offset(offset):
+    """The kernel scans the mask eight entries at a time: a mask that is a view at an odd byte offset (a slice of
+    a bigger mask, as the executor's CPU rows take theirs) and of a length that is not a multiple of eight
+    gives the same rows."""
+    x, (w_gate, w_up, w_down_t) = make_ffn(D, N_FF, 1, seed=14)
+    big = torch.rand(N_FF + 16, generator=torch.Generator().manual_seed(offset)) < 0.3
+    mask = big[offset:offset + N_FF]
+    y, k = masked_ffn(x, w_gate, w_up, w_down_t, mask, "relu", use_kernel=True)
+    want, want_k = masked_ffn_reference(x, w_gate, w_up, w_down_t, mask.clone(), "relu")
+    assert k == want_k == int(mask.sum())
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
 def test_a_gate_threshold_needs_a_relu_family_activation():
     x, (w_gate, w_up, _) = make_ffn(D, N_FF, 1, seed=1)
     with pytest.raises(ValueError, match="relu or drelu"):

@@ -568,6 +568,29 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> to
     return out
 
 
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _active_rows(mask, stride):
+    """The rows (neuron i at row i * stride) of the neurons set in the bool `mask`, scanned eight entries at a
+    time: a predicted mask is mostly zeros (2-core VM, 11,059 entries with 280 set: 5.9 us against 12.5 for
+    `np.flatnonzero(mask) * stride`, whose multiply was also a parallel region of its own)."""
+    n = mask.shape[0]
+    n_words = n // 8
+    words = mask[:n_words * 8].view(np.uint64)
+    ids = np.empty(n, np.int64)
+    k = 0
+    for w in range(n_words):
+        if words[w] != 0:
+            for i in range(w * 8, w * 8 + 8):
+                if mask[i]:
+                    ids[k] = i * stride
+                    k += 1
+    for i in range(n_words * 8, n):
+        if mask[i]:
+            ids[k] = i * stride
+            k += 1
+    return ids[:k]
+
+
 @njit(**_JIT)
 def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, mask, stride, code, threshold, partial,
                        out):
@@ -579,7 +602,7 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, mask, st
     n_tokens, d = x.shape
     # The tasks split the active neurons, not the mask: cold rows are sorted hot-first, so equal slices
     # of the mask would hand the first thread several times the work of the last.
-    ids = np.flatnonzero(mask) * stride
+    ids = _active_rows(mask, stride)
     k = ids.shape[0]
     if k == 0:
         out[:] = 0
