@@ -8,7 +8,10 @@ output) and prints per-token milliseconds of each and of the rest (Python and ke
 torch.profiler table of a few decode steps and where the GPU time of those goes. Without a GPU it is a dry
 run with the hot half on the CPU.
 
-    python scripts/profile_hybrid.py [--shape llama2-7b] [--vram-budget 8] [--threads 16] [--json FILE]
+With --cold-study it also times every cold-FFN call inside decode steps and replays their recorded inputs
+under controlled conditions (`cold_study`; hybrid_13b_cold_ffn_study_h200.json).
+
+    python scripts/profile_hybrid.py [--shape llama2-7b] [--vram-budget 8] [--threads 16] [--cold-study] [--json FILE]
 """
 
 import powerinfer  # noqa: F401  (before torch: sets the OpenMP wait policy)
