@@ -23,8 +23,9 @@ import time
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 
+from bench_cold_ffn import _fork_join, _gather_read
 from common import add_cold_ffn_arguments, write_json
 from powerinfer.bench import environment, measure_bandwidths
 from powerinfer.kernels import cpu
@@ -32,26 +33,8 @@ from powerinfer.runtime.host_memory import huge_page_copy
 
 
 @njit(parallel=True, cache=True)
-def _fork_join(n_tasks, out):
-    for task in prange(n_tasks):
-        out[task] += 1.0
-
-
-@njit(parallel=True, cache=True)
 def _sum_partials_alone(partial, out):
     cpu._sum_partials(partial, out)
-
-
-@njit(parallel=True, cache=True)
-def _gather_read(w_gate, w_up, w_down_t, ids, n_tasks, out):
-    k = ids.shape[0]
-    for task in prange(n_tasks):
-        total = 0
-        for j in range(task * k // n_tasks, (task + 1) * k // n_tasks):
-            gate, up, down = w_gate[ids[j]], w_up[ids[j]], w_down_t[ids[j]]
-            for c in range(gate.shape[0]):
-                total += gate[c] + up[c] + down[c]
-        out[task] = total
 
 
 def per_call_us(prepare, call, n_calls: int, repeats: int) -> float:
@@ -113,7 +96,7 @@ def main():
     variants = {"bound": lambda i: bound[i % args.layers](),
                 **{f"tasks_per_{n}": tasks_per(int(n)) for n in args.tasks_per.split(",")},
                 "gather_read": lambda i: _gather_read(*ops[i % args.layers].weights,
-                                                      np.flatnonzero(mask_np) * 3, args.threads, sums)}
+                                                      np.flatnonzero(mask_np) * ops[0].stride, args.threads, sums)}
     results = {"fork_join_us": round(per_call_us(lambda i: None, lambda i: _fork_join(args.threads, sums.astype(np.float64)),
                                                  n_calls, args.repeats), 1),
                "sum_partials_us": round(per_call_us(lambda i: None, lambda i: _sum_partials_alone(partial, out_np),
