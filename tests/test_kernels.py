@@ -669,6 +669,53 @@ def test_lowrank_mask_triton_matches_reference_float16(n_tokens):
         assert torch.equal(predictor.predict(x), got)
 
 
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("always, n_tail", [(0, 6000), (4, 11007), (13, 1)])
+def test_lowrank_mask_epilogue_writes_pinned_tail_float16(always, n_tail):
+    """The decision kernel sets the always-active columns and writes the mask's tail into pinned host memory
+    itself; both equal the reference (with the same logits: the hidden vector shared)."""
+    from powerinfer.kernels.lowrank import lowrank_mask, lowrank_mask_reference
+
+    torch.manual_seed(always)
+    w1 = torch.randn(17, 4099, device="cuda", dtype=torch.float16) / 64
+    w2 = torch.randn(11007, 17, device="cuda", dtype=torch.float16)
+    b2, x = torch.randn(11007, device="cuda", dtype=torch.float16) - 1, torch.randn(1, 4099, device="cuda").half()
+    threshold = torch.tensor(0.0, device="cuda")
+    tail = torch.zeros(n_tail, dtype=torch.bool, pin_memory=True)
+    got = lowrank_mask(x, w1, w2, b2, threshold, always_active=always, tail=tail)
+    torch.cuda.synchronize()
+    plain = lowrank_mask(x, w1, w2, b2, threshold)
+    want = plain.clone()
+    want[:, :always] = True
+    assert torch.equal(got, want) and torch.equal(tail, got[0, 11007 - n_tail:].cpu())
+    want_tail = torch.zeros(n_tail, dtype=torch.bool)
+    assert torch.equal(lowrank_mask_reference(x, w1, w2, b2, threshold, always, want_tail)[:, :always],
+                       want[:, :always])
+
+
+def test_lowrank_mask_epilogue_reference_and_refusals():
+    """On the CPU the reference: the always-active columns set, the tail a copy of the mask's last entries;
+    a tail for several tokens, of the wrong dtype, or too long, and always_active past the mask are errors."""
+    from powerinfer.kernels.lowrank import lowrank_mask
+
+    torch.manual_seed(0)
+    w1, w2, b2 = torch.randn(3, 11), torch.randn(29, 3), torch.randn(29) - 3
+    x = torch.randn(1, 11)
+    tail = torch.zeros(10, dtype=torch.bool)
+    got = lowrank_mask(x, w1, w2, b2, 0.0, always_active=5, tail=tail)
+    plain = lowrank_mask(x, w1, w2, b2, 0.0)
+    assert got[0, :5].all() and torch.equal(got[0, 5:], plain[0, 5:]) and torch.equal(tail, got[0, 19:])
+    with pytest.raises(ValueError, match="one token"):
+        lowrank_mask(torch.randn(2, 11), w1, w2, b2, 0.0, tail=tail)
+    with pytest.raises(ValueError, match="bool"):
+        lowrank_mask(x, w1, w2, b2, 0.0, tail=torch.zeros(10))
+    with pytest.raises(ValueError, match="at most 29"):
+        lowrank_mask(x, w1, w2, b2, 0.0, tail=torch.zeros(30, dtype=torch.bool))
+    with pytest.raises(ValueError, match="always_active"):
+        lowrank_mask(x, w1, w2, b2, 0.0, always_active=30)
+
+
 @needs_numba
 def test_lowrank_mask_rejects_mismatched_buffers():
     from powerinfer.kernels.lowrank import bind_lowrank_mask

@@ -23,3 +23,15 @@ def test_rotary_kernel_compiles_for_sm90(dtype, to_cache):
                        constexprs={"HALF": 64, "BLOCK": 64, "TO_CACHE": to_cache})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})  # ptxas: in the wheel
     assert kernel.asm["cubin"] and ".entry _rotary_kernel" in kernel.asm["ptx"]
+
+
+def test_lowrank_decide_kernel_with_tail_compiles_for_sm90():
+    from powerinfer.kernels.triton_gpu import _lowrank_decide_kernel
+
+    signature = {"hidden_ptr": "*fp32", "w2_ptr": "*fp16", "b2_ptr": "*fp16", "threshold_ptr": "*fp32",
+                 "mask_ptr": "*i1", "tail_ptr": "*i1", "n": "i32", "rank": "i32", "n_always": "i32",
+                 "tail_from": "i32", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr", "TAIL": "constexpr"}
+    source = ASTSource(fn=_lowrank_decide_kernel, signature=signature,
+                       constexprs={"BLOCK_N": 128, "BLOCK_R": 32, "TAIL": True})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert kernel.asm["cubin"]

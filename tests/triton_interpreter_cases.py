@@ -171,3 +171,18 @@ def test_lowrank_mask(n_tokens):
         clear = (logits - threshold).abs() > 1e-4  # summation order may flip a logit at the threshold
         assert clear.float().mean() > 0.98
         assert got.dtype == torch.bool and torch.equal(got[clear], want[clear])
+
+
+def test_lowrank_mask_epilogue():
+    """The always-active columns are set and the tail gets the mask's last entries, as in the reference."""
+    from powerinfer.kernels.lowrank import lowrank_mask_reference
+
+    g = torch.Generator().manual_seed(7)
+    w1, w2 = torch.randn(5, D, generator=g) / math.sqrt(D), torch.randn(N_FF, 5, generator=g)
+    b2, x = torch.randn(N_FF, generator=g) - 2, torch.randn(1, D, generator=g)
+    for always, n_tail in ((0, 40), (3, N_FF), (9, 1)):
+        tail, want_tail = torch.zeros(n_tail, dtype=torch.bool), torch.ones(n_tail, dtype=torch.bool)
+        want = lowrank_mask_reference(x, w1, w2, b2, 0.0, always, want_tail)
+        got = triton_gpu.lowrank_mask(x, w1, w2, b2, torch.tensor(0.0), always_active=always, tail=tail)
+        assert got[0, :always].all() and torch.equal(got, want) and torch.equal(tail, want_tail)
+        assert torch.equal(tail, got[0, N_FF - n_tail:])

@@ -285,9 +285,17 @@ _gate_up_kernel_serial = _serial_variant(_gate_up_kernel)
 _down_kernel_serial = _serial_variant(_down_kernel)
 
 
-def _serial(weight_bytes: int) -> bool:
+def _threads_for(weight_bytes: int) -> int:
+    """Threads for a call reading `weight_bytes` of weights: 1 below the limits above, else numba's count
+    (asked only then: `numba.get_num_threads` costs ~2 us, a tenth of a small decode call on the 2-core VM)."""
+    if weight_bytes <= SERIAL_MAX_BYTES_MANY_THREADS:
+        return 1
     threads = numba.get_num_threads()
-    return threads == 1 or weight_bytes <= (SERIAL_MAX_BYTES if threads <= 2 else SERIAL_MAX_BYTES_MANY_THREADS)
+    return 1 if threads <= 2 and weight_bytes <= SERIAL_MAX_BYTES else threads
+
+
+def _serial(weight_bytes: int) -> bool:
+    return _threads_for(weight_bytes) == 1
 
 
 def row_stride(w: torch.Tensor) -> int | None:
@@ -681,7 +689,7 @@ class MaskedFFN:
         if k == 0:  # no kernel call: a fifth of a synthetic 7B hybrid's cold calls have nothing active
             out.fill(0)
             return 0
-        tasks = 1 if _serial(self._serial_bytes * k) else numba.get_num_threads()
+        tasks = _threads_for(self._serial_bytes * k)
         if self._partial.shape[0] < tasks or self._partial.shape[1] != x.shape[0]:
             self._partial = np.zeros((numba.config.NUMBA_NUM_THREADS, *out.shape), np.float32)
         kernel = _masked_ffn_kernel_serial if tasks == 1 else _masked_ffn_kernel

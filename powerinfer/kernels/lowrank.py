@@ -23,9 +23,29 @@ except ImportError:  # numba not installed
 
 
 def lowrank_mask_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                           threshold: float | torch.Tensor) -> torch.Tensor:
-    """bool [T, n]: relu(x @ w1.T) @ w2.T + b2 > threshold, in x's dtype."""
-    return F.linear(torch.relu(F.linear(x, w1)), w2, b2) > threshold
+                           threshold: float | torch.Tensor, always_active: int = 0,
+                           tail: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [T, n]: relu(x @ w1.T) @ w2.T + b2 > threshold, in x's dtype, or column < `always_active`; `tail`
+    (one token only) also gets the mask's last len(tail) entries."""
+    mask = F.linear(torch.relu(F.linear(x, w1)), w2, b2) > threshold
+    if always_active:
+        mask[:, :always_active] = True
+    if tail is not None:
+        tail.copy_(mask[0, mask.shape[1] - tail.numel():], non_blocking=True)
+    return mask
+
+
+def _check_epilogue(x: torch.Tensor, n: int, always_active: int, tail: torch.Tensor | None) -> None:
+    if not 0 <= always_active <= n:
+        raise ValueError(f"always_active={always_active} outside [0, {n}]")
+    if tail is None:
+        return
+    if x.shape[0] != 1:
+        raise ValueError(f"a mask tail is written for one token, got {x.shape[0]}")
+    if tail.dtype != torch.bool or tail.dim() != 1 or not tail.is_contiguous() or tail.numel() > n:
+        raise ValueError(f"tail must be a contiguous 1-D bool tensor of at most {n} entries")
+    if x.is_cuda and not tail.is_cuda and not tail.is_pinned():
+        raise ValueError("with x on CUDA, a host tail must be in pinned memory")
 
 
 def _use_kernel(*weights: torch.Tensor) -> bool:
@@ -39,17 +59,23 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                 threshold: float | torch.Tensor, *, use_kernel: bool | None = None) -> torch.Tensor:
+                 threshold: float | torch.Tensor, *, always_active: int = 0, tail: torch.Tensor | None = None,
+                 use_kernel: bool | None = None) -> torch.Tensor:
     """One unbound call: on CUDA, the Triton kernels for a few tokens of x [T, d] (threshold: a tensor on x's
     device); on the CPU the numba kernel for float32 operands only when `use_kernel` is True (tests; unbound it
-    is no faster than the reference); else the reference."""
+    is no faster than the reference); else the reference.
+
+    The first `always_active` columns are set whatever the predictor says (a layer's massive neurons). `tail`
+    (one token): a buffer that also gets the mask's last len(tail) entries, the CPU rows' part of a hybrid
+    layer; on CUDA pinned host memory the decision kernel writes in place (a copy node less per layer)."""
+    _check_epilogue(x, w2.shape[0], always_active, tail)
     if use_kernel is not False and isinstance(threshold, torch.Tensor) and _use_triton(x):
-        return _triton().lowrank_mask(x, w1, w2, b2, threshold)
-    if use_kernel and _use_kernel(x, w1, w2, b2):
+        return _triton().lowrank_mask(x, w1, w2, b2, threshold, always_active=always_active, tail=tail)
+    if use_kernel and _use_kernel(x, w1, w2, b2) and not always_active and tail is None:
         return _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold))(x.contiguous())
     if use_kernel:
         raise RuntimeError(f"no fast low-rank mask kernel for {x.device.type} {x.dtype} inputs")
-    return lowrank_mask_reference(x, w1, w2, b2, threshold)
+    return lowrank_mask_reference(x, w1, w2, b2, threshold, always_active, tail)
 
 
 class _ReferenceLowRankMask:

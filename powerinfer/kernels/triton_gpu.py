@@ -259,9 +259,11 @@ def _lowrank_hidden_kernel(x_ptr, w1_ptr, hidden_ptr, d, rank, BLOCK_D: tl.const
 
 
 @triton.jit
-def _lowrank_decide_kernel(hidden_ptr, w2_ptr, b2_ptr, threshold_ptr, mask_ptr, n, rank,
-                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """mask[t, i] = w2[i] . hidden[t] + b2[i] > threshold, the logit rounded to w2's dtype first."""
+def _lowrank_decide_kernel(hidden_ptr, w2_ptr, b2_ptr, threshold_ptr, mask_ptr, tail_ptr, n, rank, n_always,
+                           tail_from, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TAIL: tl.constexpr):
+    """mask[t, i] = w2[i] . hidden[t] + b2[i] > threshold (the logit rounded to w2's dtype first) or i <
+    n_always; with TAIL (one token), also tail[i - tail_from] for i >= tail_from (pinned host memory: written
+    across PCIe in place, no copy node)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     token = tl.program_id(1)
     ranks = tl.arange(0, BLOCK_R)
@@ -271,7 +273,10 @@ def _lowrank_decide_kernel(hidden_ptr, w2_ptr, b2_ptr, threshold_ptr, mask_ptr, 
     logits = tl.sum(w.to(tl.float32) * hidden[None, :], axis=1)
     logits = (logits + tl.load(b2_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)).to(w2_ptr.dtype.element_ty)
     threshold = tl.load(threshold_ptr).to(tl.float32)
-    tl.store(mask_ptr + token * n + rows, logits.to(tl.float32) > threshold, mask=row_ok)
+    active = (logits.to(tl.float32) > threshold) | (rows < n_always)
+    tl.store(mask_ptr + token * n + rows, active, mask=row_ok)
+    if TAIL:
+        tl.store(tail_ptr + (rows - tail_from), active, mask=row_ok & (rows >= tail_from))
 
 
 _LOWRANK_BLOCK_D = 1024
@@ -279,9 +284,11 @@ _LOWRANK_BLOCK_N = 128
 
 
 def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, threshold: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """bool [T, n]: relu(x @ w1.T) @ w2.T + b2 > threshold (a device tensor: no synchronisation), in two
-    kernels: the rank-r hidden vector, then the decision per output row."""
+                 out: torch.Tensor | None = None, always_active: int = 0, tail: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """bool [T, n]: relu(x @ w1.T) @ w2.T + b2 > threshold (a device tensor: no synchronisation) or column <
+    `always_active`, in two kernels: the rank-r hidden vector, then the decision per output row, which also
+    writes the mask's last len(tail) entries into `tail` (one token)."""
     x, w1, w2 = _row_major(x), _row_major(w1), _row_major(w2)
     n_tokens, d = x.shape
     rank, n = w1.shape[0], w2.shape[0]
@@ -292,8 +299,9 @@ def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.
     _lowrank_hidden_kernel[(rank, n_tokens)](x, w1, hidden, d, rank,
                                              BLOCK_D=min(_LOWRANK_BLOCK_D, triton.next_power_of_2(d)), num_warps=4)
     _lowrank_decide_kernel[(triton.cdiv(n, _LOWRANK_BLOCK_N), n_tokens)](
-        hidden, w2, b2, threshold, mask, n, rank, BLOCK_N=_LOWRANK_BLOCK_N,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4)
+        hidden, w2, b2, threshold, mask, mask if tail is None else tail, n, rank, always_active,
+        n - (0 if tail is None else tail.numel()), BLOCK_N=_LOWRANK_BLOCK_N,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), TAIL=tail is not None, num_warps=4)
     return mask
 
 

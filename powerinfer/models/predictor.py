@@ -43,9 +43,11 @@ class ActivationPredictor(nn.Module):
         predicts once per layer, and on the CPU the calls cost about as much as the products."""
         return F.linear(torch.relu(F.linear(x, self.fc1.weight)), self.fc2.weight, self.fc2.bias)
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Boolean mask [..., n_ff] of neurons predicted active (kernels.lowrank: two kernels on CUDA)."""
-        return lowrank_mask(x, self.fc1.weight, self.fc2.weight, self.fc2.bias, self.threshold)
+    def predict(self, x: torch.Tensor, always_active: int = 0, tail: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean mask [..., n_ff] of neurons predicted active, the first `always_active` always; `tail` (one
+        token) also gets the mask's last len(tail) entries (kernels.lowrank: two kernels on CUDA)."""
+        return lowrank_mask(x, self.fc1.weight, self.fc2.weight, self.fc2.bias, self.threshold,
+                            always_active=always_active, tail=tail)
 
     def bind(self, x: torch.Tensor, mask: torch.Tensor):
         """A call without arguments that writes `predict` of what x [T, d] holds then into mask [T, n_ff]

@@ -29,6 +29,7 @@ from torch import nn
 from powerinfer import kernels
 from powerinfer.kernels.dense import GEMV_MAX_TOKENS
 from powerinfer.models.llama import Linear, additive_mask, ffn_activation
+from powerinfer.models.predictor import ActivationPredictor
 from powerinfer.runtime.host_memory import huge_page_copy
 
 MODES = ("hybrid", "gpu", "cpu", "dense", "offload")
@@ -221,7 +222,8 @@ class SplitFFN(nn.Module):
                     self.cold_part(flat, None)
             y = flat.new_zeros(flat.shape) if y is None else y
             return _move(y, x.device, x.dtype, t).reshape(shape)
-        active = self.predict(flat) if self.predictor is not None else None
+        to_host = self.cold is not None and flat.is_cuda
+        active = self.predict(flat, to_host) if self.predictor is not None else None
         host_in, done = None, None
         if self.cold is not None:  # queued before the hot work, so the CPU can start early
             if t is not None and flat.is_cuda:
@@ -244,13 +246,20 @@ class SplitFFN(nn.Module):
         return y.to(device=x.device, dtype=x.dtype).reshape(shape)
 
     # -- the phases of one layer, shared by `forward` and the CUDA-graph segments (runtime.segments) ---------
-    def predict(self, flat: torch.Tensor) -> torch.Tensor:
-        """[n_ff] bool on the predictor's device: the union of the tokens' predicted active sets."""
-        device = self.hot_device if self.n_hot else CPU
-        mask = self.predictor.predict(flat.to(device, self._predictor_dtype))
+    def predict(self, flat: torch.Tensor, to_host: bool = False) -> torch.Tensor:
+        """[n_ff] bool on the predictor's device: the union of the tokens' predicted active sets. `to_host` (hot
+        device on CUDA): the cold rows' slice also goes to the pinned buffer `copy_to_host` hands the CPU part,
+        for one token written there by the low-rank predictor's own kernel (no fill and copy nodes)."""
+        device, n_always = self.hot_device if self.n_hot else CPU, self.layer.n_always_active
+        x = flat.to(device, self._predictor_dtype)
+        if to_host and x.shape[0] == 1 and isinstance(self.predictor, ActivationPredictor):
+            return self.predictor.predict(x, always_active=n_always, tail=self._pinned_mask())[0]
+        mask = self.predictor.predict(x)
         mask = mask.any(dim=0) if mask.shape[0] > 1 else mask[0]
-        if self.layer.n_always_active:
-            mask[:self.layer.n_always_active] = True
+        if n_always:
+            mask[:n_always] = True
+        if to_host:
+            self._pinned_mask().copy_(mask[self.n_hot:], non_blocking=True)
         return mask
 
     def _keep(self, h: torch.Tensor, first_row: int) -> torch.Tensor:
@@ -263,20 +272,20 @@ class SplitFFN(nn.Module):
         """The pinned float32 buffer that receives the cold part's input x from the GPU."""
         return self._pinned_buffer("x", shape, torch.float32)
 
+    def _pinned_mask(self) -> torch.Tensor:
+        return self._pinned_buffer("mask", (self.n_ff - self.n_hot,), torch.bool)
+
     def copy_to_host(self, flat, active, x_written: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The cold part's inputs (x float32, its slice of the predicted mask) in host memory; from the GPU
         through pinned buffers, without waiting (the caller synchronises before reading them). `x_written`:
-        the kernel that computed x has already written it into `pinned_input`."""
+        the kernel that computed x has already written it into `pinned_input`; the mask must have come from
+        `predict(..., to_host=True)`."""
         if not flat.is_cuda:
             return flat.float(), None if active is None else active[self.n_hot:]
         x_host = self.pinned_input(flat.shape)
         if not x_written:
             x_host.copy_(flat, non_blocking=True)
-        mask_host = None
-        if active is not None:
-            mask_host = self._pinned_buffer("mask", (self.n_ff - self.n_hot,), torch.bool)
-            mask_host.copy_(active[self.n_hot:], non_blocking=True)
-        return x_host, mask_host
+        return x_host, None if active is None else self._pinned_mask()
 
     def cold_part(self, x_host: torch.Tensor, mask_host: torch.Tensor | None, out: torch.Tensor | None = None
                   ) -> torch.Tensor | None:

@@ -118,7 +118,7 @@ class DecodeSegments:
         x_host = ffn.pinned_input((x.numel() // x.shape[-1], x.shape[-1])) if ffn.cold is not None else None
         x, normed = block.post_attention_layernorm.add_then_norm(x, attention, copy_to=x_host)
         flat = normed.reshape(-1, x.shape[-1])
-        active = ffn.predict(flat) if ffn.predictor is not None and ffn.n_hot else None
+        active = ffn.predict(flat, to_host=ffn.cold is not None) if ffn.predictor is not None and ffn.n_hot else None
         host_in = ffn.copy_to_host(flat, active, x_written=True) if ffn.cold is not None else None
         return x, flat, active, host_in
 
