@@ -193,6 +193,30 @@ def test_numba_decode_attention_equals_the_reference(heads, kv_heads, head_dim, 
     assert torch.equal(values, want_values)
 
 
+def test_l2_prefetch_does_nothing_off_cuda():
+    w = torch.randn(5, 7)
+    fused.l2_prefetch(w, 1 << 20, torch.zeros(1, dtype=torch.int32))
+    assert w.isfinite().all()
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_l2_prefetch_reads_without_writing():
+    """The prefetch kernel leaves its source alone, takes any byte count (odd, past the end), and refuses a
+    non-contiguous source or a sink of another dtype."""
+    w = torch.randn(1001, 37, device="cuda", dtype=torch.float16)
+    before = w.clone()
+    sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for nbytes in (0, 3, 4097, 1 << 30):
+        fused.l2_prefetch(w, nbytes, sink)
+    torch.cuda.synchronize()
+    assert torch.equal(w, before)
+    with pytest.raises(ValueError, match="contiguous"):
+        fused.l2_prefetch(w.T, 4096, sink)
+    with pytest.raises(ValueError, match="int32 sink"):
+        fused.l2_prefetch(w, 4096, sink.float())
+
+
 def test_decode_attention_checks_its_range():
     qkv, cos, sin, keys, values = _decode_case(5, 1, 6, 8)
     before = keys.clone(), values.clone()

@@ -35,3 +35,13 @@ def test_lowrank_decide_kernel_with_tail_compiles_for_sm90():
                        constexprs={"BLOCK_N": 128, "BLOCK_R": 32, "TAIL": True})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert kernel.asm["cubin"]
+
+
+def test_l2_prefetch_kernel_compiles_for_sm90():
+    from powerinfer.kernels.triton_fused import _L2_PREFETCH_BLOCK, _l2_prefetch_kernel
+
+    source = ASTSource(fn=_l2_prefetch_kernel, signature={"source_ptr": "*i32", "sink_ptr": "*i32", "n_words": "i32",
+                                                          "BLOCK": "constexpr"},
+                       constexprs={"BLOCK": _L2_PREFETCH_BLOCK})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert "evict_last" in kernel.asm["ptx"]

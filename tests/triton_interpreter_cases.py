@@ -148,6 +148,16 @@ def test_rotary_qkv_to_cache(heads, kv_heads, head_dim, seq):
     assert torch.equal(values[:, :, slots[:-1]], want_values[:, :, slots[:-1]])
 
 
+def test_l2_prefetch():
+    """Reads a prefix of any byte length, past the end too, and writes nothing but (rarely) its sink."""
+    w = torch.randn(101, 37).half()
+    before = w.clone()
+    sink = torch.zeros(1, dtype=torch.int32)
+    for nbytes in (4, 4097, w.numel() * 2):
+        triton_fused.l2_prefetch(w, nbytes, sink)
+    assert torch.equal(w, before)
+
+
 def test_wait_for_host_flag():
     """A set flag lets the kernel through and is zeroed (re-armed); a wait on a clear one would spin, which the
     CUDA tests cover with the host setting it later."""

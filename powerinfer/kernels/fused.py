@@ -192,6 +192,19 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_
     return decode_attention_reference(qkv, cos, sin, n_heads, n_kv_heads, keys, values, slot, first, last)
 
 
+def l2_prefetch(source: torch.Tensor, nbytes: int, sink: torch.Tensor) -> None:
+    """Reads the first `nbytes` of the contiguous CUDA tensor `source` into the GPU's L2 cache, marked to be
+    evicted last, so a kernel reading them next finds them there (`sink`: a one-element int32 tensor on the
+    device the kernel may write). A hybrid step's GPU waits for the CPU's part of every layer; reading part of
+    the next layer's attention weights then takes that much off the next layer's critical path
+    (runtime.segments). No effect on any result; nothing to do off CUDA or without Triton."""
+    if not (source.is_cuda and _use_triton(source)) or nbytes <= 0:
+        return
+    if not source.is_contiguous() or sink.dtype != torch.int32 or sink.device != source.device:
+        raise ValueError("l2_prefetch takes a contiguous CUDA tensor and an int32 sink on its device")
+    _triton().l2_prefetch(source, nbytes, sink)
+
+
 def wait_for_host_flag_reference(flag: torch.Tensor) -> None:
     """Returns once flag[0] is nonzero, and zeroes it."""
     while int(flag[0]) == 0:

@@ -140,3 +140,21 @@ def _wait_for_host_flag_kernel(flag_ptr):
 
 def wait_for_host_flag(flag: torch.Tensor) -> None:
     _wait_for_host_flag_kernel[(1,)](flag, num_warps=1)
+
+
+@triton.jit
+def _l2_prefetch_kernel(source_ptr, sink_ptr, n_words, BLOCK: tl.constexpr):
+    words = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    total = tl.sum(tl.load(source_ptr + words, mask=words < n_words, other=0, eviction_policy="evict_last"), axis=0)
+    tl.store(sink_ptr, total, mask=total == 0x5EED)  # a store the loads feed, so they are not optimised away
+
+
+_L2_PREFETCH_BLOCK = 2048
+
+
+def l2_prefetch(source: torch.Tensor, nbytes: int, sink: torch.Tensor) -> None:
+    nbytes = min(nbytes, source.numel() * source.element_size()) // 4 * 4  # whole words of the source
+    words = source.view(-1).view(torch.uint8)[:nbytes].view(torch.int32)
+    if words.numel():
+        _l2_prefetch_kernel[(triton.cdiv(words.numel(), _L2_PREFETCH_BLOCK),)](
+            words, sink, words.numel(), BLOCK=_L2_PREFETCH_BLOCK, num_warps=4)
