@@ -198,11 +198,12 @@ def l2_prefetch(source: torch.Tensor, nbytes: int, sink: torch.Tensor) -> None:
     device the kernel may write). A hybrid step's GPU waits for the CPU's part of every layer; reading part of
     the next layer's attention weights then takes that much off the next layer's critical path
     (runtime.segments). No effect on any result; nothing to do off CUDA or without Triton."""
-    if not (source.is_cuda and _use_triton(source)) or nbytes <= 0:
+    if not source.is_cuda or nbytes <= 0:
         return
     if not source.is_contiguous() or sink.dtype != torch.int32 or sink.device != source.device:
         raise ValueError("l2_prefetch takes a contiguous CUDA tensor and an int32 sink on its device")
-    _triton().l2_prefetch(source, nbytes, sink)
+    if _triton_available():  # under autograd too: nothing here is differentiated
+        _triton().l2_prefetch(source, nbytes, sink)
 
 
 def wait_for_host_flag_reference(flag: torch.Tensor) -> None:
