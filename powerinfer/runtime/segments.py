@@ -6,8 +6,8 @@ from Python it spends about 1 ms per layer on launches (measured on an H100 host
 token's 70 ms, scripts/profile_hybrid.py). So the step is cut where the CPU works. Per layer:
 - graph A: the previous layer's FFN outputs added and this layer's first norm (one kernel, reading the CPU
   part from its pinned buffer in place), attention, the residual add and the post-attention norm (one
-  kernel, which also writes the FFN input into a pinned buffer for the CPU), the predictor, and the copy of
-  the cold mask to pinned memory;
+  kernel, which also writes the FFN input into a pinned buffer for the CPU) and the predictor (whose decision
+  kernel also writes the cold rows' slice of the mask into pinned memory);
 - graph B: the hot FFN, then a read of the first `l2_prefetch_bytes` of the next layer's q/k/v weight into
   the GPU's L2 cache: the GPU would otherwise idle until the CPU's part is in, and the next graph A then reads
   that much of its largest matrix from L2.
