@@ -194,6 +194,11 @@ def test_cpu_layer_decode_path_equals_the_general_path(kind):
             general = ffn.cold_part(x, None)
             assert ffn.counts.cold - before == 2 * fast_count > 3  # the general path counted the same again
             torch.testing.assert_close(fast, general, atol=1e-6, rtol=1e-6)
+        with torch.no_grad():  # nothing predicted: the always-active rows alone (the bound kernels read in place)
+            (predictor.fc2.bias if kind == "low-rank" else predictor.threshold).fill_(-1e9 if kind == "low-rank" else 1e9)
+        before = ffn.counts.cold
+        ffn(x[None])
+        assert ffn.counts.cold - before == 3
 
 
 def test_cpu_rows_keep_gate_and_up_in_one_allocation():

@@ -643,6 +643,14 @@ def test_lowrank_mask_numba_matches_reference(d, rank, n_ff, n_tokens):
         bound()
         assert torch.equal(mask, lowrank_mask(x, w1, w2, b2, threshold, use_kernel=True))
         x.mul_(-1)
+        # the first columns always set, in the kernel as in the reference
+        for always in (1, 13, n_ff):
+            want_always = lowrank_mask_reference(x, w1, w2, b2, threshold, always)
+            assert want_always[:, :always].all() and torch.equal(want_always[:, always:], want[:, always:])
+            got_always = lowrank_mask(x, w1, w2, b2, threshold, always_active=always, use_kernel=True)
+            assert got_always[:, :always].all() and torch.equal(got_always[:, always:], got[:, always:])
+            bind_lowrank_mask(w1, w2, b2, threshold, always).bind(x, mask)()
+            assert torch.equal(mask, got_always)
 
 
 @pytest.mark.cuda
@@ -697,7 +705,7 @@ def test_lowrank_mask_epilogue_writes_pinned_tail_float16(always, n_tail):
 def test_lowrank_mask_epilogue_reference_and_refusals():
     """On the CPU the reference: the always-active columns set, the tail a copy of the mask's last entries;
     a tail for several tokens, of the wrong dtype, or too long, and always_active past the mask are errors."""
-    from powerinfer.kernels.lowrank import lowrank_mask
+    from powerinfer.kernels.lowrank import bind_lowrank_mask, lowrank_mask
 
     torch.manual_seed(0)
     w1, w2, b2 = torch.randn(3, 11), torch.randn(29, 3), torch.randn(29) - 3
@@ -714,6 +722,8 @@ def test_lowrank_mask_epilogue_reference_and_refusals():
         lowrank_mask(x, w1, w2, b2, 0.0, tail=torch.zeros(30, dtype=torch.bool))
     with pytest.raises(ValueError, match="always_active"):
         lowrank_mask(x, w1, w2, b2, 0.0, always_active=30)
+    with pytest.raises(ValueError, match="always_active"):
+        bind_lowrank_mask(w1, w2, b2, 0.0, always_active=-1)
 
 
 @needs_numba

@@ -502,9 +502,9 @@ _int4_gemv_kernel_serial = _serial_variant(_int4_gemv_kernel)
 
 
 @njit(**_JIT)
-def _lowrank_mask_kernel(x, w1, w2, b2, threshold, n_tasks, mask):
-    """mask[t, i] = (w2[i] . relu(w1 @ x[t]) + b2[i]) > threshold: the low-rank predictor's decision, its
-    logits never stored."""
+def _lowrank_mask_kernel(x, w1, w2, b2, threshold, n_always, n_tasks, mask):
+    """mask[t, i] = (w2[i] . relu(w1 @ x[t]) + b2[i]) > threshold or i < n_always: the low-rank predictor's
+    decision, its logits never stored."""
     n_tokens = x.shape[0]
     rank, n_out = w1.shape[0], w2.shape[0]
     hidden = np.empty((n_tokens, rank), np.float32)
@@ -523,26 +523,27 @@ def _lowrank_mask_kernel(x, w1, w2, b2, threshold, n_tasks, mask):
                 acc = b2[i]
                 for j in range(rank):
                     acc += row[j] * hidden[t, j]
-                mask[t, i] = acc > threshold
+                mask[t, i] = acc > threshold or i < n_always
 
 
 _lowrank_mask_kernel_serial = _serial_variant(_lowrank_mask_kernel)
 
 
 class LowRankMask:
-    """The low-rank predictor's mask over fixed float32 weights (fc1 [r, d], fc2 [n, r], bias [n]); `bind`
-    fixes the input and mask buffers too, so a decode step's call costs the kernel and little more."""
+    """The low-rank predictor's mask over fixed float32 weights (fc1 [r, d], fc2 [n, r], bias [n]), its first
+    `always_active` columns always set; `bind` fixes the input and mask buffers too, so a decode step's call
+    costs the kernel and little more (setting those columns afterwards with a torch slice took 9 us a layer on
+    the 2-core VM)."""
 
-    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, threshold: float):
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, threshold: float,
+                 always_active: int = 0):
         self.w1, self.w2, self.b2 = (_float32_array(w) for w in (w1, w2, b2))
-        self.threshold = np.float32(threshold)
+        self.threshold, self.always_active = np.float32(threshold), always_active
 
     def _run(self, x: np.ndarray, mask: np.ndarray) -> None:
-        if _serial(self.w1.nbytes + self.w2.nbytes):
-            _lowrank_mask_kernel_serial(x, self.w1, self.w2, self.b2, self.threshold, 1, mask)
-        else:
-            n_tasks = max(1, min(self.w2.shape[0], numba.get_num_threads()))
-            _lowrank_mask_kernel(x, self.w1, self.w2, self.b2, self.threshold, n_tasks, mask)
+        tasks = _threads_for(self.w1.nbytes + self.w2.nbytes)
+        kernel = _lowrank_mask_kernel_serial if tasks == 1 else _lowrank_mask_kernel
+        kernel(x, self.w1, self.w2, self.b2, self.threshold, self.always_active, min(self.w2.shape[0], tasks), mask)
 
     def _arrays(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.w1.shape[1] or not x.is_contiguous():

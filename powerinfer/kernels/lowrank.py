@@ -71,16 +71,16 @@ def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.
     _check_epilogue(x, w2.shape[0], always_active, tail)
     if use_kernel is not False and isinstance(threshold, torch.Tensor) and _use_triton(x):
         return _triton().lowrank_mask(x, w1, w2, b2, threshold, always_active=always_active, tail=tail)
-    if use_kernel and _use_kernel(x, w1, w2, b2) and not always_active and tail is None:
-        return _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold))(x.contiguous())
+    if use_kernel and _use_kernel(x, w1, w2, b2) and tail is None:
+        return _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold), always_active)(x.contiguous())
     if use_kernel:
         raise RuntimeError(f"no fast low-rank mask kernel for {x.device.type} {x.dtype} inputs")
     return lowrank_mask_reference(x, w1, w2, b2, threshold, always_active, tail)
 
 
 class _ReferenceLowRankMask:
-    def __init__(self, w1, w2, b2, threshold):
-        self._operands = (w1, w2, b2, threshold)
+    def __init__(self, w1, w2, b2, threshold, always_active):
+        self._operands = (w1, w2, b2, threshold, always_active)
 
     def __call__(self, x, out=None):
         mask = lowrank_mask_reference(x, *self._operands)
@@ -90,12 +90,16 @@ class _ReferenceLowRankMask:
         return lambda: self(x, mask)
 
 
-def bind_lowrank_mask(w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, threshold: float | torch.Tensor):
-    """`lowrank_mask` with its weights fixed: a callable (x, out=None) -> mask, and `bind(x, mask)` -> a call
-    without arguments that fills `mask` from what `x` holds then (x float32 [T, d], mask bool [T, n])."""
+def bind_lowrank_mask(w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, threshold: float | torch.Tensor,
+                      always_active: int = 0):
+    """`lowrank_mask` with its weights (and `always_active`) fixed: a callable (x, out=None) -> mask, and
+    `bind(x, mask)` -> a call without arguments that fills `mask` from what `x` holds then (x float32 [T, d],
+    mask bool [T, n])."""
+    if not 0 <= always_active <= w2.shape[0]:
+        raise ValueError(f"always_active={always_active} outside [0, {w2.shape[0]}]")
     if _use_kernel(w1, w2, b2):
-        return _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold))
-    return _ReferenceLowRankMask(w1, w2, b2, threshold)
+        return _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold), always_active)
+    return _ReferenceLowRankMask(w1, w2, b2, threshold, always_active)
 
 
 __all__ = ["lowrank_mask", "lowrank_mask_reference", "bind_lowrank_mask"]

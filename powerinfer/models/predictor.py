@@ -49,11 +49,12 @@ class ActivationPredictor(nn.Module):
         return lowrank_mask(x, self.fc1.weight, self.fc2.weight, self.fc2.bias, self.threshold,
                             always_active=always_active, tail=tail)
 
-    def bind(self, x: torch.Tensor, mask: torch.Tensor):
-        """A call without arguments that writes `predict` of what x [T, d] holds then into mask [T, n_ff]
-        (kernels.lowrank: on the CPU a numba kernel over the fixed buffers, ~5 us where `predict` takes ~20)."""
+    def bind(self, x: torch.Tensor, mask: torch.Tensor, always_active: int = 0):
+        """A call without arguments that writes `predict(x, always_active)` of what x [T, d] holds then into mask
+        [T, n_ff] (kernels.lowrank: on the CPU a numba kernel over the fixed buffers, ~5 us where `predict`
+        takes ~20)."""
         weights = self.fc1.weight.detach(), self.fc2.weight.detach(), self.fc2.bias.detach()
-        return bind_lowrank_mask(*weights, self.threshold).bind(x, mask)
+        return bind_lowrank_mask(*weights, self.threshold, always_active).bind(x, mask)
 
     def reordered(self, order: torch.Tensor) -> ActivationPredictor:
         """A copy whose output i is this one's output order[i]."""

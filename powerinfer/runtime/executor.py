@@ -200,9 +200,13 @@ class SplitFFN(nn.Module):
         d = self.cold[2].shape[1]
         x, y = torch.zeros(1, d), torch.zeros(1, d)
         mask = torch.zeros(1, self.n_ff, dtype=torch.bool)
-        bind = getattr(self.predictor, "bind", None)  # predictors without one (tests' oracles): predict + copy
-        predict = bind(x, mask) if bind is not None else lambda: mask.copy_(self.predictor.predict(x))
         run, n_always, counts = self._cold_ffn.bind(x, mask[0], y), self.layer.n_always_active, self.counts
+        if isinstance(self.predictor, ActivationPredictor):  # sets the always-active rows in its own kernel
+            predict, n_always = self.predictor.bind(x, mask, always_active=n_always), 0
+        elif hasattr(self.predictor, "bind"):
+            predict = self.predictor.bind(x, mask)
+        else:  # predictors without one (tests' oracles): predict + copy
+            predict = lambda: mask.copy_(self.predictor.predict(x))  # noqa: E731
 
         def step(flat: torch.Tensor) -> torch.Tensor:
             x.copy_(flat)
