@@ -651,6 +651,10 @@ def test_lowrank_mask_numba_matches_reference(d, rank, n_ff, n_tokens):
             assert got_always[:, :always].all() and torch.equal(got_always[:, always:], got[:, always:])
             bind_lowrank_mask(w1, w2, b2, threshold, always).bind(x, mask)()
             assert torch.equal(mask, got_always)
+        tail = torch.zeros(n_ff // 2, dtype=torch.bool)
+        if n_tokens == 1:
+            got = lowrank_mask(x, w1, w2, b2, threshold, tail=tail, use_kernel=True)
+            assert torch.equal(tail, got[0, n_ff - n_ff // 2:])
 
 
 @pytest.mark.cuda

@@ -71,8 +71,11 @@ def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.
     _check_epilogue(x, w2.shape[0], always_active, tail)
     if use_kernel is not False and isinstance(threshold, torch.Tensor) and _use_triton(x):
         return _triton().lowrank_mask(x, w1, w2, b2, threshold, always_active=always_active, tail=tail)
-    if use_kernel and _use_kernel(x, w1, w2, b2) and tail is None:
-        return _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold), always_active)(x.contiguous())
+    if use_kernel and _use_kernel(x, w1, w2, b2):
+        mask = _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold), always_active)(x.contiguous())
+        if tail is not None:
+            tail.copy_(mask[0, mask.shape[1] - tail.numel():])
+        return mask
     if use_kernel:
         raise RuntimeError(f"no fast low-rank mask kernel for {x.device.type} {x.dtype} inputs")
     return lowrank_mask_reference(x, w1, w2, b2, threshold, always_active, tail)
