@@ -686,8 +686,8 @@ def test_lowrank_mask_triton_matches_reference_float16(n_tokens):
 @pytest.mark.parametrize("always, n_tail", [(0, 6000), (4, 11007), (13, 1)])
 def test_lowrank_mask_epilogue_writes_pinned_tail_float16(always, n_tail):
     """The decision kernel sets the always-active columns and writes the mask's tail into pinned host memory
-    itself; both equal the reference (with the same logits: the hidden vector shared)."""
-    from powerinfer.kernels.lowrank import lowrank_mask, lowrank_mask_reference
+    itself, as the plain kernel's mask with those columns set."""
+    from powerinfer.kernels.lowrank import lowrank_mask
 
     torch.manual_seed(always)
     w1 = torch.randn(17, 4099, device="cuda", dtype=torch.float16) / 64
@@ -701,9 +701,6 @@ def test_lowrank_mask_epilogue_writes_pinned_tail_float16(always, n_tail):
     want = plain.clone()
     want[:, :always] = True
     assert torch.equal(got, want) and torch.equal(tail, got[0, 11007 - n_tail:].cpu())
-    want_tail = torch.zeros(n_tail, dtype=torch.bool)
-    assert torch.equal(lowrank_mask_reference(x, w1, w2, b2, threshold, always, want_tail)[:, :always],
-                       want[:, :always])
 
 
 def test_lowrank_mask_epilogue_reference_and_refusals():
