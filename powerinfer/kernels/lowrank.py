@@ -30,14 +30,23 @@ def lowrank_mask_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, 
     mask = F.linear(torch.relu(F.linear(x, w1)), w2, b2) > threshold
     if always_active:
         mask[:, :always_active] = True
+    return _copy_tail(mask, tail)
+
+
+def _copy_tail(mask: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+    """`mask`, after copying its last len(tail) entries (one token) into `tail`."""
     if tail is not None:
         tail.copy_(mask[0, mask.shape[1] - tail.numel():], non_blocking=True)
     return mask
 
 
-def _check_epilogue(x: torch.Tensor, n: int, always_active: int, tail: torch.Tensor | None) -> None:
+def _check_always_active(n: int, always_active: int) -> None:
     if not 0 <= always_active <= n:
         raise ValueError(f"always_active={always_active} outside [0, {n}]")
+
+
+def _check_epilogue(x: torch.Tensor, n: int, always_active: int, tail: torch.Tensor | None) -> None:
+    _check_always_active(n, always_active)
     if tail is None:
         return
     if x.shape[0] != 1:
@@ -72,10 +81,7 @@ def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.
     if use_kernel is not False and isinstance(threshold, torch.Tensor) and _use_triton(x):
         return _triton().lowrank_mask(x, w1, w2, b2, threshold, always_active=always_active, tail=tail)
     if use_kernel and _use_kernel(x, w1, w2, b2):
-        mask = _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold), always_active)(x.contiguous())
-        if tail is not None:
-            tail.copy_(mask[0, mask.shape[1] - tail.numel():])
-        return mask
+        return _copy_tail(_cpu_kernels.LowRankMask(w1, w2, b2, float(threshold), always_active)(x.contiguous()), tail)
     if use_kernel:
         raise RuntimeError(f"no fast low-rank mask kernel for {x.device.type} {x.dtype} inputs")
     return lowrank_mask_reference(x, w1, w2, b2, threshold, always_active, tail)
@@ -98,8 +104,7 @@ def bind_lowrank_mask(w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, thre
     """`lowrank_mask` with its weights (and `always_active`) fixed: a callable (x, out=None) -> mask, and
     `bind(x, mask)` -> a call without arguments that fills `mask` from what `x` holds then (x float32 [T, d],
     mask bool [T, n])."""
-    if not 0 <= always_active <= w2.shape[0]:
-        raise ValueError(f"always_active={always_active} outside [0, {w2.shape[0]}]")
+    _check_always_active(w2.shape[0], always_active)
     if _use_kernel(w1, w2, b2):
         return _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold), always_active)
     return _ReferenceLowRankMask(w1, w2, b2, threshold, always_active)
