@@ -322,6 +322,96 @@ def test_graph_segments_timed_and_failed_steps(relu_model):
     torch.testing.assert_close(failed, plain, atol=1e-5, rtol=1e-5)
 
 
+def _whole_step_placement():
+    """Every layer with CPU rows also has GPU rows (its mask is predicted on the GPU): a whole-step graph."""
+    return {"layers": [{"n_gpu_neurons": n, "attention_on_gpu": True} for n in (9, 60, 203)]}
+
+
+@cuda
+@pytest.mark.cuda
+def test_whole_step_graph_with_one_cold_step_equals_eager_and_per_layer_decode(relu_model, monkeypatch):
+    """The step as one CUDA graph, the GPU raising a host flag after each layer's attention part and every
+    layer's cold FFN computed in one parallel region (kernels.cold_step) as the flags come: the same logits
+    and neuron shares as the eager step and as the per-layer graphs."""
+    from powerinfer.runtime.segments import DecodeSegments
+
+    ids = torch.randint(0, 256, (20,)).tolist()
+
+    def make_run():
+        return _hybrid_on_cuda(relu_model, _whole_step_placement())
+    (eager, eager_shares), (whole, whole_shares) = _eager_and_segments(make_run, ids)
+    monkeypatch.setattr(DecodeSegments, "cold_step", False)
+    _, (per_layer, _) = _eager_and_segments(make_run, ids)
+    torch.testing.assert_close(whole, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(whole, per_layer, atol=1e-5, rtol=1e-5)
+    assert whole_shares == pytest.approx(eager_shares)
+
+
+@cuda
+@pytest.mark.cuda
+def test_whole_step_graph_failed_cold_step_leaves_no_wait_armed(relu_model):
+    """A cold step that raises: the step raises, the graph's waits are released and cleared, and the next steps
+    match a run that never failed; the whole-step path is the one taken."""
+    ids = torch.randint(0, 256, (10,)).tolist()
+
+    def decode(failing_step=None):
+        gen = Generator(_hybrid_on_cuda(relu_model, _whole_step_placement()), context=64, cuda_graphs=True)
+        out = [gen.prefill(ids[:5])]
+        for i, t in enumerate(ids[5:]):
+            if i == failing_step:
+                segments = gen._segments
+                graph, output, cold_step = segments._whole
+                assert cold_step is not None
+
+                class Failing:
+                    threads = cold_step.threads
+
+                    def __call__(self):
+                        raise RuntimeError("cold step failed")
+                segments._whole = (graph, output, Failing())
+                with pytest.raises(RuntimeError, match="cold step failed"):
+                    gen.decode_step(torch.tensor([t]), 5 + i)
+                assert not segments._ready_np.any()
+                segments._whole = (graph, output, cold_step)
+            out.append(gen.decode_step(torch.tensor([t]), 5 + i))
+        return torch.cat([x.cpu() for x in out])
+
+    with torch.inference_mode():
+        torch.testing.assert_close(decode(failing_step=2), decode(), atol=1e-5, rtol=1e-5)
+
+
+@cuda
+@pytest.mark.cuda
+def test_notify_host_sets_the_flag_after_the_work_before_it():
+    from powerinfer.kernels.fused import notify_host
+
+    flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+    data = torch.zeros(1 << 16, dtype=torch.float32, pin_memory=True)
+    source = torch.arange(1 << 16, dtype=torch.float32, device="cuda")
+    with torch.inference_mode():
+        for round_ in range(20):
+            flag.zero_()
+            torch.cuda.synchronize()
+            data.copy_(source + round_, non_blocking=True)
+            notify_host(flag, torch.device("cuda"))
+            while int(flag[0]) == 0:
+                pass
+            assert float(data[-1]) == (1 << 16) - 1 + round_  # the copy before it is in
+        torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="pinned"):
+        notify_host(torch.zeros(1, dtype=torch.int32), torch.device("cuda"))
+
+
+def test_notify_host_reference_and_checks():
+    from powerinfer.kernels.fused import notify_host
+
+    flag = torch.zeros(1, dtype=torch.int32)
+    notify_host(flag, torch.device("cpu"))
+    assert int(flag[0]) == 1
+    with pytest.raises(ValueError, match="int32"):
+        notify_host(torch.ones(1), torch.device("cpu"))
+
+
 @cuda
 @pytest.mark.cuda
 def test_graph_segments_without_the_wait_kernel_equal_eager_decode(relu_model, monkeypatch):

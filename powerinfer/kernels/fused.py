@@ -206,6 +206,35 @@ def l2_prefetch(source: torch.Tensor, nbytes: int, sink: torch.Tensor) -> None:
         _triton().l2_prefetch(source, nbytes, sink)
 
 
+# host flags (wait_for_host_flag, notify_host) are kept one per this many int32s, 128 bytes (two cache lines: the
+# adjacent-line prefetcher pairs them), so polling one never shares a line with a flag written meanwhile
+FLAG_STRIDE = 32
+
+
+def notify_host_reference(flag: torch.Tensor) -> None:
+    flag[0] = 1
+
+
+def notify_host(flag: torch.Tensor, device: torch.device) -> None:
+    """Sets flag[0] (a pinned int32) to 1 once `device`'s current stream gets there, after everything queued
+    before it, whose writes into host memory the host sees once it sees the flag: the other direction of
+    `wait_for_host_flag`, for a host that spins on the flag (kernels.cold_step) instead of on a CUDA event. On
+    the CPU, the reference (at once)."""
+    _check_host_flag(flag)
+    if device.type != "cuda":
+        return notify_host_reference(flag)
+    if not _triton_available():
+        raise RuntimeError("a CUDA stream can set a host flag only with Triton installed")
+    if not flag.is_pinned():
+        raise ValueError("a CUDA stream can set only a flag in pinned memory")
+    _triton().notify_host(flag)
+
+
+def _check_host_flag(flag: torch.Tensor) -> None:
+    if flag.dtype != torch.int32 or flag.numel() != 1 or flag.is_cuda:
+        raise ValueError("flag must be a one-element int32 host tensor")
+
+
 def wait_for_host_flag_reference(flag: torch.Tensor) -> None:
     """Returns once flag[0] is nonzero, and zeroes it."""
     while int(flag[0]) == 0:
@@ -220,8 +249,7 @@ def wait_for_host_flag(flag: torch.Tensor, device: torch.device) -> None:
     before (runtime.segments); the graph's first kernel waits here, so the GPU starts the moment the CPU's
     output is ready instead of after the host's launch. The stream stalls until the host sets the flag:
     the caller must set it (or release it when a step fails). On the CPU, the reference (the host waits)."""
-    if flag.dtype != torch.int32 or flag.numel() != 1 or flag.is_cuda:
-        raise ValueError("flag must be a one-element int32 host tensor")
+    _check_host_flag(flag)
     if device.type != "cuda":
         return wait_for_host_flag_reference(flag)
     if not _triton_available():  # the reference would block the host, not the stream

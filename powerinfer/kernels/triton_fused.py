@@ -143,6 +143,17 @@ def wait_for_host_flag(flag: torch.Tensor) -> None:
 
 
 @triton.jit
+def _notify_host_kernel(flag_ptr):
+    # a release at system scope: a host that sees the flag also sees what the kernels before this one wrote
+    # into its memory (an exchange, as Triton has no release store; the host never writes the flag meanwhile)
+    tl.atomic_xchg(flag_ptr, 1, sem="release", scope="sys")
+
+
+def notify_host(flag: torch.Tensor) -> None:
+    _notify_host_kernel[(1,)](flag, num_warps=1)
+
+
+@triton.jit
 def _l2_prefetch_kernel(source_ptr, sink_ptr, n_words, BLOCK: tl.constexpr):
     words = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     total = tl.sum(tl.load(source_ptr + words, mask=words < n_words, other=0, eviction_policy="evict_last"), axis=0)

@@ -31,12 +31,21 @@ alive), whatever the eager path allocates later.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from powerinfer.kernels.fused import l2_prefetch, wait_for_host_flag
+from powerinfer.kernels.fused import FLAG_STRIDE, l2_prefetch, notify_host, wait_for_host_flag
 from powerinfer.kernels.sparse_ffn import _triton_available
 from powerinfer.models.llama import additive_mask
 from powerinfer.runtime.executor import HybridTransformer, _cpu_time
+
+try:  # numba: a step's cold FFNs in one parallel region
+    import numba
+
+    from powerinfer.kernels.cold_step import ColdStep, threading_layer
+except ImportError:
+    ColdStep = None
 
 
 def supports_segments(model) -> bool:
@@ -56,6 +65,9 @@ class DecodeSegments:
     capture requires, and restores the cache slots the warm-up wrote."""
 
     queue_ahead = True  # False: launch each layer's graphs after the CPU part before them (same results)
+    # True: the step as one graph and every layer's cold FFN in one parallel region (kernels.cold_step), where
+    # every layer can (else, and under bench's timer, the per-layer graphs)
+    cold_step = True
     # bytes of the next layer's fused q/k/v weight read into L2 at the end of a layer with CPU rows, while the GPU
     # would wait for the CPU's part (kernels.fused.l2_prefetch; read when capturing). H100 host, synthetic 13B,
     # 0 / 16 / 32 MB alternated in one process: median 12.59 / 12.62 / 12.19 ms per token, 32 MB faster than
@@ -74,29 +86,70 @@ class DecodeSegments:
         # without Triton there is no wait kernel: each layer's graphs launch after the CPU part before them
         self._waits_in_graphs = _triton_available()
         self.n_gpu_layers = sum(layer.attention_device == hot for layer in plan.layers)
-        # one flag per layer, set by the host when the layer's CPU part is in its pinned buffer; each on its own
-        # 128-byte line, so the GPU's polling of one never touches the line the host writes next
-        self._ready = torch.zeros((self.n_gpu_layers, 32), dtype=torch.int32, pin_memory=True)
+        # one flag per layer, set by the host when the layer's CPU part is in its pinned buffer
+        self._ready = torch.zeros((self.n_gpu_layers, FLAG_STRIDE), dtype=torch.int32, pin_memory=True)
         self._ready_np = self._ready[:, 0].numpy()
-        self.layers = []  # per layer: graph A, graph B, the bound cold FFN, the event after A
+        # and the other way (whole-step graph): set by the GPU when a layer's cold FFN input and mask are in
+        self._gpu_ready = torch.zeros((self.n_gpu_layers, FLAG_STRIDE), dtype=torch.int32, pin_memory=True)
         self._sink = torch.zeros(1, dtype=torch.int32, device=hot)
+        self.layers, self.final, self.out = self._capture_parts(whole=False)
+        self._whole = None  # (the step's graph, its output, the ColdStep of its cold FFNs or None)
+        if self.cold_step and self._whole_step_possible():
+            parts, graph, out = self._capture_parts(whole=True)
+            colds = [(i, ffn, host_in, staged) for i, (ffn, host_in, staged) in enumerate(parts) if host_in]
+            step = None
+            if colds:
+                step = ColdStep([ffn._cold_ffn for _, ffn, _, _ in colds], [h[0] for _, _, h, _ in colds],
+                                [h[1] for _, _, h, _ in colds], [staged for *_, staged in colds],
+                                [i for i, *_ in colds], self._gpu_ready, self._ready)
+            self._whole = (graph, out, step)
+
+    def _whole_step_possible(self) -> bool:
+        """Every layer's cold FFN can join a ColdStep: a mask predicted on the GPU and numba's masked FFN, all
+        alike (and numba's threads an OpenMP team, which its barriers need)."""
+        if ColdStep is None or not self._waits_in_graphs or threading_layer() != "omp":
+            return False
+        ffns = [f for f in self.model.ffns[:self.n_gpu_layers] if f.cold is not None]
+        return all(f.predictor is not None and f.n_hot for f in ffns) and \
+            ColdStep.compatible([f._cold_ffn for f in ffns])
+
+    def _capture_parts(self, whole: bool):
+        """Graph A and B of each layer and the last graph, as separate graphs: per layer (A, B, the bound cold
+        FFN, the event after A), then the last graph and its output. `whole`: all of them in one graph, with a
+        host flag raised after each layer's A (`_gpu_ready`) for a ColdStep; then per layer (ffn, its cold
+        part's input buffers or None, its output buffer), the graph and its output."""
+        self._rope = None  # each capture computes its own rotary tables in its first graph
+        step_graph = torch.cuda.CUDAGraph() if whole else None
+        plan, parts = self.model.plan, []
         x, pending = self.x0, None
-        blocks = model.attention_layers[:self.n_gpu_layers]
-        for i, (block, ffn) in enumerate(zip(blocks, model.ffns[:self.n_gpu_layers])):
-            graph_a, (x, flat, active, host_in) = self._capture(self._attention_part, block, ffn, x, pending)
-            following = blocks[i + 1].self_attn.qkv_proj.weight if i + 1 < len(blocks) else None
-            prefetch = following if ffn.cold is not None and self.l2_prefetch_bytes else None
-            graph_b, y_hot = None, None
-            if ffn.hot is not None or prefetch is not None:
-                graph_b, y_hot = self._capture(self._hot_part, ffn, flat, active, prefetch)
-            # owned here: a longer prompt may make the layer reallocate its own buffers after capture
-            staged, cold = None, None
-            if host_in is not None:
-                staged = torch.zeros(flat.shape, dtype=torch.float32, pin_memory=True)
-                cold = ffn.bind_cold(*host_in, staged)
-            self.layers.append((graph_a, graph_b, cold, torch.cuda.Event()))
-            pending = (y_hot, staged, self._ready[i, :1])
-        self.final, self.out = self._capture(self._final_part, x, pending)
+        blocks = self.model.attention_layers[:self.n_gpu_layers]
+        with torch.cuda.graph(step_graph, pool=self._pool) if whole else contextlib.nullcontext():
+            for i, (block, ffn) in enumerate(zip(blocks, self.model.ffns[:self.n_gpu_layers])):
+                graph_a, (x, flat, active, host_in) = self._part(whole, self._attention_part, block, ffn, x,
+                                                                 pending)
+                if whole and host_in is not None:
+                    notify_host(self._gpu_ready[i, :1], plan.hot_device)
+                following = blocks[i + 1].self_attn.qkv_proj.weight if i + 1 < len(blocks) else None
+                prefetch = following if ffn.cold is not None and self.l2_prefetch_bytes else None
+                graph_b, y_hot = None, None
+                if ffn.hot is not None or prefetch is not None:
+                    graph_b, y_hot = self._part(whole, self._hot_part, ffn, flat, active, prefetch)
+                # owned here: a longer prompt may make the layer reallocate its own buffers after capture
+                staged = None
+                if host_in is not None:
+                    staged = torch.zeros(flat.shape, dtype=torch.float32, pin_memory=True)
+                if whole:
+                    parts.append((ffn, host_in, staged))
+                else:
+                    cold = ffn.bind_cold(*host_in, staged) if host_in is not None else None
+                    parts.append((graph_a, graph_b, cold, torch.cuda.Event()))
+                pending = (y_hot, staged, self._ready[i, :1])
+            final, out = self._part(whole, self._final_part, x, pending)
+        return parts, step_graph if whole else final, out
+
+    def _part(self, whole: bool, fn, *args):
+        """(its graph, fn's outputs); inside the whole step's capture, (None, fn's outputs)."""
+        return (None, fn(*args)) if whole else self._capture(fn, *args)
 
     def _capture(self, fn, *args):
         graph = torch.cuda.CUDAGraph()
@@ -178,6 +231,26 @@ class DecodeSegments:
             self._ready_np[:] = 0  # those never queued
             raise
 
+    def _whole_step_usable(self) -> bool:
+        step = self._whole[2]
+        return step is None or numba.get_num_threads() == step.threads  # its barriers count its threads
+
+    def _run_whole_step(self) -> torch.Tensor:
+        """The step's one graph; meanwhile the host's threads compute every layer's cold FFN as the GPU hands
+        each over (flags both ways: `_gpu_ready` set by the GPU, `_ready` by the host)."""
+        graph, out, cold_step = self._whole
+        self._gpu_ready[:, 0] = 0  # a failed step may have left some set
+        graph.replay()
+        if cold_step is not None:
+            try:
+                self.model.counts.cold += cold_step()
+            except BaseException:
+                self._ready_np[:] = 1  # release the graph's waits, so the stream drains
+                torch.cuda.current_stream().synchronize()
+                self._ready_np[:] = 0
+                raise
+        return out
+
     def _run_layers_in_turn(self, t) -> None:
         """One layer at a time, each flag set before the graph that waits for it is launched: for `bench`'s
         time split (its stream marks can tell the stream's wait for the CPU from GPU work only outside a
@@ -212,13 +285,16 @@ class DecodeSegments:
         self.tokens.copy_(token.view(1, 1))
         self.position.fill_(position)
         self.x0.copy_(model.embed_tokens(self.tokens).to(self.x0.device, self.x0.dtype))
-        if t is None and self.queue_ahead and self._waits_in_graphs:
+        out = self.out
+        if t is None and self.queue_ahead and self._whole is not None and self._whole_step_usable():
+            out = self._run_whole_step()
+        elif t is None and self.queue_ahead and self._waits_in_graphs:
             self._run_layers()
         else:
             self._run_layers_in_turn(t)
         if self._logits_in_graph:
-            return self.out.clone()  # the graph's output buffer is overwritten by the next replay
-        x = self.out
+            return out.clone()  # the graph's output buffer is overwritten by the next replay
+        x = out
         if self.n_gpu_layers < len(model.ffns):  # the layers in CPU memory, eagerly
             self.cache.set_window(position + 1)  # they read the filled slots only (the graphs keep theirs)
             x = model.layers_from(self.n_gpu_layers, x, torch.tensor([position]), self.cache)

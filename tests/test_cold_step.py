@@ -1,0 +1,87 @@
+"""kernels.cold_step: every layer's cold FFN of a decode step in one parallel region, handing layers over by flags."""
+
+import numba
+import pytest
+import torch
+
+from powerinfer.kernels import cpu
+from powerinfer.kernels.cold_step import LINE, ColdStep
+from powerinfer.kernels.sparse_ffn import quantize_rows_int8
+
+D, THREADS = 67, 2
+
+
+def _layers(n_layers, dtype, seed=0, density=0.3):
+    """Per layer: a MaskedFFN over bundled rows (as the executor keeps CPU rows; int8: with row scales), x, mask
+    and output buffers."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i in range(n_layers):
+        n_ff = 41 + 13 * i  # layers of different widths, as placements give
+        bundle = torch.randn(n_ff, 3, D, generator=g) / D ** 0.5
+        if dtype == torch.int8:
+            rows, scales = zip(*(quantize_rows_int8(w) for w in bundle.unbind(1)))
+            bundle, scales = torch.stack(rows, dim=1), torch.stack(scales, dim=1).unbind(1)
+            op = cpu.MaskedFFN(*bundle.unbind(1), "relu", scales=scales)
+        else:
+            op = cpu.MaskedFFN(*bundle.to(dtype).unbind(1), "relu")
+        mask = torch.rand(n_ff, generator=g) < (density if i != 1 else 0.0)  # layer 1: nothing active
+        layers.append((op, torch.randn(1, D, generator=g), mask, torch.full((1, D), float("nan"))))
+    return layers
+
+
+@pytest.fixture
+def threads():
+    before = numba.get_num_threads()
+    cpu.set_num_threads(min(THREADS, numba.config.NUMBA_NUM_THREADS))
+    yield numba.get_num_threads()
+    cpu.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_cold_step_equals_the_per_layer_calls_and_hands_every_layer_over(threads, dtype):
+    layers = _layers(4, dtype)
+    rows = [2, 0, 3, 1]  # a layer's flags need not be in layer order
+    gpu_ready, cpu_ready = torch.zeros(5, LINE, dtype=torch.int32), torch.zeros(5, LINE, dtype=torch.int32)
+    step = ColdStep([op for op, *_ in layers], *zip(*[(x, m, y) for _, x, m, y in layers]), rows, gpu_ready,
+                    cpu_ready)
+    for round_ in range(3):  # the flags re-arm, the buffers are read afresh
+        for _, x, mask, _ in layers:
+            x.normal_(generator=torch.Generator().manual_seed(round_))
+        gpu_ready[rows, 0] = 1
+        cpu_ready.zero_()
+        want = [op(x, mask) for op, x, mask, _ in layers]
+        assert step() == sum(k for _, k in want)
+        for (_, _, _, y), (y_want, _) in zip(layers, want):
+            torch.testing.assert_close(y, y_want, rtol=1e-5, atol=1e-5)
+        assert gpu_ready[:, 0].tolist() == [0] * 5  # re-armed for the next step
+        assert cpu_ready[:, 0].tolist() == [1 if r in rows else 0 for r in range(5)]
+
+
+def test_cold_step_gives_up_when_a_flag_never_comes(threads):
+    layers = _layers(2, torch.float32)
+    gpu_ready, cpu_ready = torch.zeros(2, LINE, dtype=torch.int32), torch.zeros(2, LINE, dtype=torch.int32)
+    step = ColdStep([op for op, *_ in layers], *zip(*[(x, m, y) for _, x, m, y in layers]), [0, 1], gpu_ready,
+                    cpu_ready, spin_limit=10_000)
+    gpu_ready[0, 0] = 1  # layer 1's never comes
+    with pytest.raises(RuntimeError, match="gave up waiting"):
+        step()
+    assert cpu_ready[:, 0].tolist() == [1, 0]  # layer 0 was handed over
+    torch.testing.assert_close(layers[0][3], layers[0][0](layers[0][1], layers[0][2])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cold_step_refuses_what_it_cannot_run(threads):
+    (op, x, mask, y), = _layers(1, torch.float32)
+    flags = torch.zeros(1, LINE, dtype=torch.int32)
+    with pytest.raises(ValueError, match="one x, mask"):
+        ColdStep([op], [x], [mask], [], [0], flags, flags.clone())
+    with pytest.raises(ValueError, match=r"\[1, 67\] float32"):
+        ColdStep([op], [x.double()], [mask], [y], [0], flags, flags.clone())
+    with pytest.raises(ValueError, match="flags must be"):
+        ColdStep([op], [x], [mask], [y], [1], flags, flags.clone())
+    with pytest.raises(ValueError, match="one layout, dtype"):
+        ColdStep([op, _layers(1, torch.bfloat16)[0][0]], [x, x], [mask, mask], [y, y], [0, 0], flags, flags.clone())
+    step = ColdStep([op], [x], [mask], [y], [0], flags, flags.clone(), threads=threads + 1)
+    with pytest.raises(RuntimeError, match="threads"):
+        step()
+
