@@ -6,7 +6,7 @@ import torch
 
 from powerinfer.kernels import cpu
 from powerinfer.kernels.cold_step import LINE, ColdStep
-from powerinfer.kernels.sparse_ffn import quantize_rows_int8
+from powerinfer.kernels.sparse_ffn import masked_ffn_reference, quantize_rows_int8
 
 D, THREADS = 67, 2
 
@@ -30,6 +30,10 @@ def _layers(n_layers, dtype, seed=0, density=0.3):
     return layers
 
 
+def _scales(op):
+    return None if op.scales[0] is None else [torch.from_numpy(s[::op.stride]) for s in op.scales]
+
+
 @pytest.fixture
 def threads():
     before = numba.get_num_threads()
@@ -50,7 +54,8 @@ def test_cold_step_equals_the_per_layer_calls_and_hands_every_layer_over(threads
             x.normal_(generator=torch.Generator().manual_seed(round_))
         gpu_ready[rows, 0] = 1
         cpu_ready.zero_()
-        want = [op(x, mask) for op, x, mask, _ in layers]
+        want = [masked_ffn_reference(x, *(torch.from_numpy(w[::op.stride]).view(dtype) for w in op.weights),
+                                     mask, "relu", scales=_scales(op)) for op, x, mask, _ in layers]
         assert step() == sum(k for _, k in want)
         for (_, _, _, y), (y_want, _) in zip(layers, want):
             torch.testing.assert_close(y, y_want, rtol=1e-5, atol=1e-5)

@@ -1,9 +1,10 @@
 """A hybrid decode step as CUDA-graph segments around the CPU's work (PowerInfer §5, §7: the GPU and CPU
 halves of every layer run at once and merge on the GPU).
 
-A hybrid step cannot be one CUDA graph: every layer waits for the CPU's cold neurons. Launched op by op
-from Python it spends about 1 ms per layer on launches (measured on an H100 host: 31 of a synthetic 7B
-token's 70 ms, scripts/profile_hybrid.py). So the step is cut where the CPU works. Per layer:
+Every layer waits for the CPU's cold neurons, yet launched op by op from Python a step spends about 1 ms per
+layer on launches (measured on an H100 host: 31 of a synthetic 7B token's 70 ms, scripts/profile_hybrid.py).
+So the step is captured in CUDA graphs whose kernels wait for the CPU's parts through flags in pinned memory.
+Per layer:
 - graph A: the previous layer's FFN outputs added and this layer's first norm (one kernel, reading the CPU
   part from its pinned buffer in place), attention, the residual add and the post-attention norm (one
   kernel, which also writes the FFN input into a pinned buffer for the CPU) and the predictor (whose decision
@@ -11,16 +12,22 @@ token's 70 ms, scripts/profile_hybrid.py). So the step is cut where the CPU work
 - graph B: the hot FFN, then a read of the first `l2_prefetch_bytes` of the next layer's q/k/v weight into
   the GPU's L2 cache: the GPU would otherwise idle until the CPU's part is in, and the next graph A then reads
   that much of its largest matrix from L2.
-The host queues A and B of a layer before the CPU has finished its part of the layer before: A's first
-kernel waits for a flag the host sets in pinned memory when that part is done (kernels.fused
-`wait_for_host_flag`), so the GPU starts the next layer the moment the CPU's output is ready, and the
-host's graph launches run while the GPU is busy (alternated in one process on an H100 host: a synthetic 7B
-token 6.3-6.9 ms against 6.6-7.5 launching layer by layer; hybrid_queue_ahead_h100.json). Per layer the host
-queues the next layer's graphs, waits for an event after this layer's A (the cold FFN's input and mask),
-computes the cold FFN into the layer's pinned output buffer and sets the layer's flag; the next layer's A
-reads that buffer in its first kernel. (Zero-copy instead of copy nodes: an H100 graph replays a 16 KB
-host-to-device copy and an add in 11.2 us, one kernel reading pinned memory in 5.3 us.) A last graph adds
-the last layer's outputs (and runs norm and lm_head).
+By default (`cold_step`) all of a step's A and B graphs are captured as one graph, with a host flag raised after
+each A (kernels.fused `notify_host`), and the host's CPU threads compute every layer's cold FFN in one parallel
+region (kernels.cold_step `ColdStep`): per layer they wait for the GPU's flag, compute, and set the flag the next
+A's first kernel waits for (kernels.fused `wait_for_host_flag`), so the GPU starts the next layer the moment the
+CPU's output is ready, with no Python, CUDA-event wait or thread fork and join between layers (alternated in one
+process on an H100 host: a synthetic 7B token 5.29 against 5.87 ms, 13B 11.16 against 11.80;
+hybrid_cold_step_ab_h100.json). Each layer's A reads the CPU's output from its pinned buffer in its first
+kernel (zero-copy instead of copy nodes: an H100 graph replays a 16 KB host-to-device copy and an add in 11.2
+us, one kernel reading pinned memory in 5.3 us). A last graph adds the last layer's outputs (and runs norm
+and lm_head).
+The per-layer graphs are also kept: `bench`'s time split replays them one layer at a time (its stream marks
+can tell the wait for the CPU from GPU work only outside a graph), and they serve where a layer cannot join a
+ColdStep (a predictor in host memory, no numba OpenMP team) or the thread count changed since capture. Queued
+ahead there, the host launches layer i + 1's graphs (whose first kernel waits for layer i's flag), waits for an
+event after layer i's A, computes the cold FFN bound to the layer's buffers and sets the flag (a synthetic 7B
+token 6.3-6.9 ms against 6.6-7.5 launching layer by layer; hybrid_queue_ahead_h100.json).
 Layers whose attention stays in CPU memory (offload's CPU layers, after its GPU layers) then run eagerly.
 Without graphs, offload's 20 GPU layers of a synthetic 7B took 16 ms per token on an H100 host (bench),
 where dense-gpu runs all 32 in 8 ms.
