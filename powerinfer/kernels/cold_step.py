@@ -6,11 +6,13 @@ Called once per layer from Python (`kernels.cpu.MaskedFFN`), a cold FFN pays, be
 into numba, the fork and join of two parallel regions (its products, then the sum of the threads' partial
 outputs) and the host's wake-up on a CUDA event: a synthetic 7B's call fits ~38 us plus its rows at 71 GB/s
 on a 16-thread H100 host (benchmarks/results/hybrid_7b_cold_ffn_study_h100.json). Here the threads enter
-once per step and go through the layers in order. Per layer each thread
+once per step and go through the layers in order (the cold FFNs of 32 synthetic 7B layers on that host, flags
+preset: 52.6 against 67.7 us per layer with 107 active rows, 33.0 against 47.4 with 20; cold_step_cpu_h100.json).
+Per layer each thread
 1. waits until the layer's `gpu_ready` flag (pinned memory the GPU writes once the FFN input and the mask are
    there) is set;
 2. scans the mask and takes its equal share of the active neurons: gate/up products, then the down AXPY of
-   those with a nonzero activation into its own partial output (`kernels.cpu` helpers);
+   those with a nonzero activation into its own partial output (`kernels.cpu._masked_rows`, as MaskedFFN);
 3. meets the others at a spin barrier, then sums its block of output columns over the partials into the
    layer's output buffer;
 4. counts itself done; the last thread sets the layer's `cpu_ready` flag (which the GPU's next kernel
@@ -39,14 +41,16 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.typed import List
 
-from powerinfer.kernels.cpu import _FASTMATH, MaskedFFN, _accumulate_rows, _active_rows, _gated_rows
+from powerinfer.kernels.cpu import _FASTMATH, MaskedFFN, _active_rows, _masked_rows
 
 from powerinfer.kernels.fused import FLAG_STRIDE as LINE  # int32 entries per flag
 
 # counters one per 128 bytes, as the flags, so threads polling one never share a line another thread writes
 _SYNC_LINE = 16  # int64 entries
 _ARRIVED, _GENERATION, _DONE, _FAILED = 0, 1, 2, 3  # counters, at index * _SYNC_LINE of `sync`
-DEFAULT_SPIN_LIMIT = 200_000_000  # polls (seconds, with a pause per poll) before a wait gives up
+# polls before a wait gives up: with a pause per poll (a few to ~140 cycles by CPU) seconds to minutes, far past any
+# layer's wait for the GPU (~0.1 ms) or a thread's preemption
+DEFAULT_SPIN_LIMIT = 1_000_000_000
 
 
 def _element_pointer(context, builder, array_type, array, index, index_type):
@@ -143,7 +147,7 @@ def _item_impl(items, i):
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
 def _cold_step_kernel(xs, gates, ups, downs, s_gates, s_ups, s_downs, masks, outs, flag_rows, stride, code, threshold,
                       gpu_ready, cpu_ready, partials, sync, counts, spin_limit):
-    n_threads, n_tokens, d = partials.shape[1], partials.shape[2], partials.shape[3]
+    n_threads, d = partials.shape[1], partials.shape[3]
     columns = ((d + n_threads - 1) // n_threads + 15) // 16 * 16  # a thread's block of output columns
     for thread in prange(n_threads):
         for layer in range(len(masks)):
@@ -158,23 +162,8 @@ def _cold_step_kernel(xs, gates, ups, downs, s_gates, s_ups, s_downs, masks, out
             partial = partials[layer % 2]
             if thread < n_tasks:
                 lo, hi = thread * k // n_tasks, (thread + 1) * k // n_tasks
-                acc = partial[thread]
-                acc[:] = 0
-                task_ids = ids[lo:hi]
-                h = np.empty((n_tokens, hi - lo), np.float32)
-                _gated_rows(x, w_gate, w_up, s_gate, s_up, task_ids, code, threshold, h)
-                rows = np.empty(hi - lo, np.int64)
-                m = 0
-                for j in range(hi - lo):  # keep the neurons with a nonzero activation (as MaskedFFN)
-                    nonzero = False
-                    for t in range(n_tokens):
-                        nonzero = nonzero or h[t, j] != 0
-                    if nonzero:
-                        for t in range(n_tokens):
-                            h[t, m] = h[t, j]
-                        rows[m] = task_ids[j]
-                        m += 1
-                _accumulate_rows(acc, h, rows, 0, m, w_down_t, s_down)
+                _masked_rows(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, ids[lo:hi], code, threshold,
+                             partial[thread])
             if not _barrier(sync, n_threads, spin_limit):
                 break
             out = outs[layer]
@@ -195,9 +184,9 @@ def _cold_step_kernel(xs, gates, ups, downs, s_gates, s_ups, s_downs, masks, out
 class ColdStep:
     """The cold FFNs of a decode step's layers (one token each), bound to their fixed buffers, as one call.
 
-    `ffns`: the layers' `MaskedFFN`s (float32, bfloat16 or int8 rows, all of one dtype and layout); per layer its pinned input x
-    [1, d], mask and output [1, d], and the row of its flags in `gpu_ready` / `cpu_ready` ([rows, LINE] int32
-    pinned tensors: entry [row, 0] is the flag). `run()` returns the active neurons summed over layers."""
+    `ffns`: the layers' `MaskedFFN`s (float32, bfloat16 or int8 rows, all of one dtype and layout); per layer its
+    pinned input x [1, d], mask and output [1, d], and the row of its flags in `gpu_ready` / `cpu_ready` ([rows,
+    LINE] int32 pinned tensors: entry [row, 0] is the flag). A call returns the active neurons summed over layers."""
 
     def __init__(self, ffns: list[MaskedFFN], xs, masks, outs, flag_rows, gpu_ready: torch.Tensor,
                  cpu_ready: torch.Tensor, threads: int | None = None, spin_limit: int = DEFAULT_SPIN_LIMIT):
@@ -242,9 +231,9 @@ class ColdStep:
             raise RuntimeError(f"ColdStep needs numba's OpenMP threading layer with {self.threads} threads, got "
                                f"{layer} with {numba.get_num_threads()}")
         self.sync[:] = 0
-        _cold_step_kernel(self.xs, *self.weights, *self.scales, self.masks, self.outs, self.flag_rows, self.stride, self.code,
-                          self.threshold, self.gpu_ready, self.cpu_ready, self.partials, self.sync, self.counts,
-                          self.spin_limit)
+        _cold_step_kernel(self.xs, *self.weights, *self.scales, self.masks, self.outs, self.flag_rows, self.stride,
+                          self.code, self.threshold, self.gpu_ready, self.cpu_ready, self.partials, self.sync,
+                          self.counts, self.spin_limit)
         if self.sync[_FAILED * _SYNC_LINE]:
             raise RuntimeError("the cold FFN step gave up waiting (a GPU flag never came)")
         return int(self.counts.sum())

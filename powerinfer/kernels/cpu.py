@@ -600,6 +600,28 @@ def _active_rows(mask, stride):
     return ids[:k]
 
 
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _masked_rows(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, ids, code, threshold, acc):
+    """acc = the FFN output over the neurons `ids` (one task's share): gate/up first, then the down AXPY over
+    those with a nonzero h (a predicted neuron that stays at zero never has its down row read)."""
+    n_tokens, n = x.shape[0], ids.shape[0]
+    acc[:] = 0
+    h = np.empty((n_tokens, n), np.float32)
+    _gated_rows(x, w_gate, w_up, s_gate, s_up, ids, code, threshold, h)
+    rows = np.empty(n, np.int64)
+    m = 0
+    for j in range(n):
+        nonzero = False
+        for t in range(n_tokens):
+            nonzero = nonzero or h[t, j] != 0
+        if nonzero:  # kept: moved down to column m
+            for t in range(n_tokens):
+                h[t, m] = h[t, j]
+            rows[m] = ids[j]
+            m += 1
+    _accumulate_rows(acc, h, rows, 0, m, w_down_t, s_down)
+
+
 @njit(**_JIT)
 def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, mask, stride, code, threshold, partial,
                        out):
@@ -608,7 +630,6 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, mask, st
     up to the number of active neurons), reused across calls: allocating and zeroing it per call cost ~10% of
     a 7B layer's cold FFN with 16 threads. (Software prefetch of the next neuron's rows was tried: 10-35%
     slower on the 2-core VM and on the H100 host.)"""
-    n_tokens, d = x.shape
     # The tasks split the active neurons, not the mask: cold rows are sorted hot-first, so equal slices
     # of the mask would hand the first thread several times the work of the last.
     ids = _active_rows(mask, stride)
@@ -620,26 +641,7 @@ def _masked_ffn_kernel(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, mask, st
     for task in prange(n_tasks):
         lo = task * k // n_tasks
         hi = (task + 1) * k // n_tasks
-        acc = partial[task]
-        acc[:] = 0
-        # pass 1: gate/up of this task's neurons; keep those with a nonzero h (a predicted neuron that
-        # stays at zero never has its down row read)
-        task_ids = ids[lo:hi]
-        h = np.empty((n_tokens, hi - lo), np.float32)
-        _gated_rows(x, w_gate, w_up, s_gate, s_up, task_ids, code, threshold, h)
-        rows = np.empty(hi - lo, np.int64)
-        m = 0
-        for j in range(hi - lo):
-            nonzero = False
-            for t in range(n_tokens):
-                nonzero = nonzero or h[t, j] != 0
-            if nonzero:  # kept: moved down to column m
-                for t in range(n_tokens):
-                    h[t, m] = h[t, j]
-                rows[m] = task_ids[j]
-                m += 1
-        # pass 2: the down AXPY over the kept rows
-        _accumulate_rows(acc, h, rows, 0, m, w_down_t, s_down)
+        _masked_rows(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, ids[lo:hi], code, threshold, partial[task])
     _sum_partials(partial[:n_tasks], out)
 
 
