@@ -1,8 +1,9 @@
 """Where a hybrid decode step's wall time goes, without the synchronising PhaseTimer of `bench`.
 
 Builds a SYNTHETIC model in memory (powerinfer.bench.synthetic_artifact), loads it in hybrid mode at a VRAM
-budget and decodes greedily. It reports the plain decode rate (with CUDA-graph segments, for both schedules:
-graphs queued ahead of the CPU, and launched layer by layer), then wraps three executor phases with
+budget and decodes greedily. It reports the plain decode rate (the default: the step as one CUDA graph and the
+cold FFNs in one parallel region, runtime.segments), then, over the per-layer graphs, both of their schedules
+(queued ahead of the CPU, and launched layer by layer), then wraps three executor phases with
 perf_counter (host waiting for the GPU's attention + predictor + copies; the CPU's cold FFN; staging its
 output) and prints per-token milliseconds of each and of the rest (Python and kernel launches), then a
 torch.profiler table of a few decode steps and where the GPU time of those goes. Without a GPU it is a dry
@@ -92,7 +93,12 @@ def main():
     with torch.inference_mode():
         report["decode_ms"] = round(1e3 * decode(gen, prompt, args.steps), 3)
         report["decode_uses_graph_segments"] = gen.use_segments
-        if gen._segments is not None:  # each layer's graphs queued ahead of the CPU's part (default) or not
+        if gen._segments is not None:
+            # the step as one graph with every cold FFN in one parallel region (default where it can run); what
+            # follows wraps and times the per-layer graphs and bound cold calls, so it turns that off
+            report["decode_uses_one_graph_and_cold_step"] = gen._segments._whole is not None
+            gen._segments._whole = None
+            # each layer's graphs queued ahead of the CPU's part or not
             for queue_ahead in (False, True) * 4:
                 gen._segments.queue_ahead = queue_ahead
                 key = "decode_ms_queued_ahead" if queue_ahead else "decode_ms_layer_by_layer"
