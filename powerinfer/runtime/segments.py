@@ -17,8 +17,8 @@ each A (kernels.fused `notify_host`), and the host's CPU threads compute every l
 region (kernels.cold_step `ColdStep`): per layer they wait for the GPU's flag, compute, and set the flag the next
 A's first kernel waits for (kernels.fused `wait_for_host_flag`), so the GPU starts the next layer the moment the
 CPU's output is ready, with no Python, CUDA-event wait or thread fork and join between layers (alternated in one
-process on an H100 host: a synthetic 7B token 5.29 against 5.87 ms, 13B 11.16 against 11.80;
-hybrid_cold_step_ab_h100.json). Each layer's A reads the CPU's output from its pinned buffer in its first
+process: a synthetic 7B token 5.29 against 5.87 ms, 13B 11.16 against 11.80 on an H100 host, 5.29 against 6.12
+and 10.10 against 11.76 on an H200 host; hybrid_cold_step_ab.json). Each layer's A reads the CPU's output from its pinned buffer in its first
 kernel (zero-copy instead of copy nodes: an H100 graph replays a 16 KB host-to-device copy and an add in 11.2
 us, one kernel reading pinned memory in 5.3 us). A last graph adds the last layer's outputs (and runs norm
 and lm_head).
