@@ -349,6 +349,32 @@ def test_whole_step_graph_with_one_cold_step_equals_eager_and_per_layer_decode(r
 
 @cuda
 @pytest.mark.cuda
+def test_whole_step_graph_and_timed_per_layer_steps_interleave(relu_model):
+    """`bench`'s timer replays the per-layer graphs (kept beside the whole-step graph): timed steps between whole
+    steps share the host flags without leaving one set, and every step's logits match an untimed run."""
+    from powerinfer.runtime.timing import PhaseTimer
+
+    ids = torch.randint(0, 256, (12,)).tolist()
+
+    def decode(timed_steps=()):
+        run = _hybrid_on_cuda(relu_model, _whole_step_placement())
+        gen = Generator(run, context=64, cuda_graphs=True)
+        out = [gen.prefill(ids[:5])]
+        for i, t in enumerate(ids[5:]):
+            run.model.timer = PhaseTimer(cuda=True) if i in timed_steps else None
+            out.append(gen.decode_step(torch.tensor([t]), 5 + i))
+            torch.cuda.synchronize()  # the graph's last wait has consumed its flag
+            assert gen._segments._whole is not None
+            assert not gen._segments._ready_np.any()
+        run.model.timer = None
+        return torch.cat([x.cpu() for x in out])
+
+    with torch.inference_mode():
+        torch.testing.assert_close(decode(timed_steps=(1, 2, 5)), decode(), atol=1e-5, rtol=1e-5)
+
+
+@cuda
+@pytest.mark.cuda
 def test_whole_step_graph_failed_cold_step_leaves_no_wait_armed(relu_model):
     """A cold step that raises: the step raises, the graph's waits are released and cleared, and the next steps
     match a run that never failed; the whole-step path is the one taken."""
