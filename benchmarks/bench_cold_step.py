@@ -51,7 +51,8 @@ def main():
         layer_sets = []
         for _ in range(8):
             mask = torch.zeros(args.cold_rows, dtype=torch.bool)
-            mask[torch.multinomial(weight, args.active, generator=g)] = True
+            if args.active:
+                mask[torch.multinomial(weight, args.active, generator=g)] = True
             layer_sets.append(mask)
         sets.append(layer_sets)
     gpu_ready, cpu_ready = buffer(args.layers, LINE, dtype=torch.int32), buffer(args.layers, LINE, dtype=torch.int32)
