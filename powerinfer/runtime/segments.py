@@ -98,6 +98,7 @@ class DecodeSegments:
         self._ready_np = self._ready[:, 0].numpy()
         # and the other way (whole-step graph): set by the GPU when a layer's cold FFN input and mask are in
         self._gpu_ready = torch.zeros((self.n_gpu_layers, FLAG_STRIDE), dtype=torch.int32, pin_memory=True)
+        self._gpu_ready_np = self._gpu_ready[:, 0].numpy()
         self._sink = torch.zeros(1, dtype=torch.int32, device=hot)
         self.layers, self.final, self.out = self._capture_parts(whole=False)
         self._whole = None  # (the step's graph, its output, the ColdStep of its cold FFNs or None)
@@ -246,7 +247,7 @@ class DecodeSegments:
         """The step's one graph; meanwhile the host's threads compute every layer's cold FFN as the GPU hands
         each over (flags both ways: `_gpu_ready` set by the GPU, `_ready` by the host)."""
         graph, out, cold_step = self._whole
-        self._gpu_ready[:, 0] = 0  # a failed step may have left some set
+        self._gpu_ready_np[:] = 0  # a failed step may have left some set
         graph.replay()
         if cold_step is not None:
             try:
