@@ -103,10 +103,10 @@ def _pause(typingctx):
 
 
 @njit(cache=True, inline="always")
-def _wait_nonzero(flags, index, sync, spin_limit):
-    """Spin until flags[index] != 0; False if the step failed (here, after `spin_limit` polls, or elsewhere)."""
+def _spin_while(values, index, value, sync, spin_limit):
+    """Spin while values[index] == value; False if the step failed (here, after `spin_limit` polls, or elsewhere)."""
     spins = 0
-    while _load_acquire(flags, index) == 0:
+    while _load_acquire(values, index) == value:
         _pause()
         spins += 1
         if spins >= spin_limit or _load_acquire(sync, _FAILED * _SYNC_LINE) != 0:
@@ -123,14 +123,7 @@ def _barrier(sync, n_threads, spin_limit):
         _store_release(sync, _ARRIVED * _SYNC_LINE, 0)  # before the generation moves: the next barrier's count
         _fetch_add(sync, _GENERATION * _SYNC_LINE, 1)
         return True
-    spins = 0
-    while _load_acquire(sync, _GENERATION * _SYNC_LINE) == generation:
-        _pause()
-        spins += 1
-        if spins >= spin_limit or _load_acquire(sync, _FAILED * _SYNC_LINE) != 0:
-            _store_release(sync, _FAILED * _SYNC_LINE, 1)
-            return False
-    return True
+    return _spin_while(sync, _GENERATION * _SYNC_LINE, generation, sync, spin_limit)
 
 
 def _item(items, i):
@@ -152,7 +145,7 @@ def _cold_step_kernel(xs, gates, ups, downs, s_gates, s_ups, s_downs, masks, out
     for thread in prange(n_threads):
         for layer in range(len(masks)):
             flag = flag_rows[layer] * LINE
-            if not _wait_nonzero(gpu_ready, flag, sync, spin_limit):
+            if not _spin_while(gpu_ready, flag, 0, sync, spin_limit):  # the GPU's part of the layer
                 break
             x, w_gate, w_up, w_down_t = xs[layer], gates[layer], ups[layer], downs[layer]
             s_gate, s_up, s_down = _item(s_gates, layer), _item(s_ups, layer), _item(s_downs, layer)
