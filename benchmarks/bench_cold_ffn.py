@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from common import add_cold_ffn_arguments, write_json
+from common import active_sets, add_cold_ffn_arguments, write_json
 from powerinfer.bench import environment, measure_bandwidths
 from powerinfer.kernels import cpu
 from powerinfer.runtime.host_memory import huge_page_copy
@@ -119,16 +119,10 @@ def main():
 
     pin = torch.cuda.is_available()  # pinned, as the executor's buffers
     g = torch.Generator().manual_seed(0)
-    rank = torch.arange(args.cold_rows, dtype=torch.float64)
-    weight = torch.ones_like(rank) if args.uniform else (rank + 50) ** -0.8  # hot-first
     layers = []
     for _ in range(args.layers):
         weights = [torch.randn(args.cold_rows, args.d, generator=g).to(torch.bfloat16) * 0.02 for _ in range(3)]
-        masks = []
-        for _ in range(args.masks):
-            mask = torch.zeros(args.cold_rows, dtype=torch.bool)
-            mask[torch.multinomial(weight, args.active, generator=g)] = True
-            masks.append(mask)
+        masks = active_sets(args.cold_rows, args.active, args.masks, g, args.uniform)
         x = torch.randn(1, args.d, generator=g)
         x, mask, out = (t.pin_memory() if pin else t for t in (x, masks[0].clone(), torch.zeros(1, args.d)))
         op = cpu.MaskedFFN(*weights, "relu")

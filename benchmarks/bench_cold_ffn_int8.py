@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import add_cold_ffn_arguments, write_json
+from common import active_sets, add_cold_ffn_arguments, write_json
 from powerinfer.bench import environment
 from powerinfer.kernels import cpu
 from powerinfer.kernels.sparse_ffn import quantize_rows_int8
@@ -29,7 +29,6 @@ from powerinfer.runtime.host_memory import huge_page_copy
 
 def cold_layers(d: int, n_rows: int, active: int, n_layers: int, generator: torch.Generator) -> list[dict]:
     """Per layer: its bfloat16 and int8 masked FFNs bound to one set of buffers, and 8 active sets."""
-    hot_first = (torch.arange(n_rows, dtype=torch.float64) + 50) ** -0.8
     layers = []
     for _ in range(n_layers):
         weights = [torch.randn(n_rows, d, generator=generator).to(torch.bfloat16) * 0.02 for _ in range(3)]
@@ -37,11 +36,7 @@ def cold_layers(d: int, n_rows: int, active: int, n_layers: int, generator: torc
         bfloat16 = cpu.MaskedFFN(*huge_page_copy(torch.stack(weights, dim=1)).unbind(1), "relu")
         int8 = cpu.MaskedFFN(*huge_page_copy(torch.stack([q for q, _ in quantized], dim=1)).unbind(1), "relu",
                              scales=torch.stack([s for _, s in quantized], dim=1).unbind(1))
-        masks = []
-        for _ in range(8):
-            mask = torch.zeros(n_rows, dtype=torch.bool)
-            mask[torch.multinomial(hot_first, active, generator=generator)] = True
-            masks.append(mask)
+        masks = active_sets(n_rows, active, 8, generator)
         x, mask, out = torch.randn(1, d, generator=generator), torch.zeros(n_rows, dtype=torch.bool), torch.zeros(1, d)
         layers.append({"bfloat16": bfloat16.bind(x, mask, out), "int8": int8.bind(x, mask, out),
                        "mask": mask, "masks": masks})

@@ -26,7 +26,7 @@ import torch
 from numba import njit
 
 from bench_cold_ffn import _fork_join, _gather_read
-from common import add_cold_ffn_arguments, write_json
+from common import active_sets, add_cold_ffn_arguments, write_json
 from powerinfer.bench import environment, measure_bandwidths
 from powerinfer.kernels import cpu
 from powerinfer.runtime.host_memory import huge_page_copy
@@ -69,15 +69,8 @@ def main():
     first = torch.rand(args.cold_rows, 3, args.d, generator=g) * 0.02  # positive: every neuron's h > 0
     ops = [cpu.MaskedFFN(*huge_page_copy(first, torch.bfloat16).unbind(1), "relu") for _ in range(args.layers)]
     del first
-    weight = (torch.arange(args.cold_rows, dtype=torch.float64) + 50) ** -0.8  # hot-first
     x, mask, out = torch.rand(1, args.d, generator=g), torch.zeros(args.cold_rows, dtype=torch.bool), torch.zeros(1, args.d)
-    masks = {}
-    for k in sizes:
-        masks[k] = []
-        for _ in range(args.masks):
-            m = torch.zeros(args.cold_rows, dtype=torch.bool)
-            m[torch.multinomial(weight, k, generator=g)] = True
-            masks[k].append(m)
+    masks = {k: active_sets(args.cold_rows, k, args.masks, g) for k in sizes}
     bound = [op.bind(x, mask, out) for op in ops]
     x_np, mask_np, out_np = x.numpy(), mask.numpy(), out.numpy()
     n_calls = args.layers * args.masks

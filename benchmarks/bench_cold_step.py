@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from common import add_cold_ffn_arguments, write_json
+from common import active_sets, add_cold_ffn_arguments, write_json
 from powerinfer.bench import environment
 from powerinfer.kernels import cpu
 from powerinfer.kernels.cold_step import LINE, ColdStep
@@ -35,7 +35,6 @@ def main():
     torch.set_num_threads(args.threads)
     pin = torch.cuda.is_available()
     g = torch.Generator().manual_seed(0)
-    weight = (torch.arange(args.cold_rows, dtype=torch.float64) + 50) ** -0.8  # hot-first
 
     def buffer(*shape, dtype=torch.float32):
         t = torch.zeros(*shape, dtype=dtype)
@@ -48,13 +47,7 @@ def main():
         xs.append(buffer(1, args.d).normal_(generator=g))
         masks.append(buffer(args.cold_rows, dtype=torch.bool))
         outs.append(buffer(1, args.d))
-        layer_sets = []
-        for _ in range(8):
-            mask = torch.zeros(args.cold_rows, dtype=torch.bool)
-            if args.active:
-                mask[torch.multinomial(weight, args.active, generator=g)] = True
-            layer_sets.append(mask)
-        sets.append(layer_sets)
+        sets.append(active_sets(args.cold_rows, args.active, 8, g))
     gpu_ready, cpu_ready = buffer(args.layers, LINE, dtype=torch.int32), buffer(args.layers, LINE, dtype=torch.int32)
     bound = [op.bind(x, m, y) for op, x, m, y in zip(ops, xs, masks, outs)]
     step = ColdStep(ops, xs, masks, outs, range(args.layers), gpu_ready, cpu_ready)

@@ -18,10 +18,10 @@ region (kernels.cold_step `ColdStep`): per layer they wait for the GPU's flag, c
 A's first kernel waits for (kernels.fused `wait_for_host_flag`), so the GPU starts the next layer the moment the
 CPU's output is ready, with no Python, CUDA-event wait or thread fork and join between layers (alternated in one
 process: a synthetic 7B token 5.29 against 5.87 ms, 13B 11.16 against 11.80 on an H100 host, 5.29 against 6.12
-and 10.10 against 11.76 on an H200 host; hybrid_cold_step_ab.json). Each layer's A reads the CPU's output from its pinned buffer in its first
-kernel (zero-copy instead of copy nodes: an H100 graph replays a 16 KB host-to-device copy and an add in 11.2
-us, one kernel reading pinned memory in 5.3 us). A last graph adds the last layer's outputs (and runs norm
-and lm_head).
+and 10.10 against 11.76 on an H200 host; hybrid_cold_step_ab.json). Each layer's A reads the CPU's output from
+its pinned buffer in its first kernel (zero-copy instead of copy nodes: an H100 graph replays a 16 KB
+host-to-device copy and an add in 11.2 us, one kernel reading pinned memory in 5.3 us). A last graph adds the
+last layer's outputs (and runs norm and lm_head).
 The per-layer graphs are also kept: `bench`'s time split replays them one layer at a time (its stream marks
 can tell the wait for the CPU from GPU work only outside a graph), and they serve where a layer cannot join a
 ColdStep (a predictor in host memory, no numba OpenMP team) or the thread count changed since capture. Queued
