@@ -310,6 +310,48 @@ def test_triton_rotary_into_the_cache_equals_the_reference(dtype, heads, kv_head
 
 @pytest.mark.cuda
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,n_slots,window,sliding", [
+    (32, 32, 128, 192, 192, None),   # LLaMA-2-7B's heads, the headline's cache
+    (9, 3, 64, 2100, 2048, None),    # SmolLM2's grouped-query heads, 32 chunks, a window shorter than the cache
+    (8, 2, 16, 300, 300, 37),        # a sliding window
+])
+@torch.inference_mode()
+def test_flash_decoding_equals_the_reference_and_replays_at_every_position(dtype, heads, kv_heads, head_dim, n_slots,
+                                                                            window, sliding):
+    """The split-KV kernels against the reference at positions across the chunks, replayed in one CUDA graph
+    whose position tensor changes between replays (as a decode step's)."""
+    g = torch.Generator().manual_seed(heads)
+    qkv = torch.zeros(1, 1, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
+    angles = torch.zeros(1, head_dim // 2, device="cuda")
+    keys, values = (torch.randn(1, kv_heads, n_slots, head_dim, generator=g).to("cuda", dtype) for _ in range(2))
+    position = torch.zeros(1, dtype=torch.long, device="cuda")
+
+    def step():
+        return fused.decode_attention_at(qkv, angles.cos(), angles.sin(), heads, kv_heads, keys, values, position,
+                                         window, sliding)
+
+    assert fused.use_decode_attention_at(qkv, keys, values)
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for p in (0, 1, 63, 64, 65, window // 2, window - 1, n_slots - 1):
+        qkv.copy_(torch.randn(qkv.shape, generator=g).to(qkv))
+        angles.copy_(p * torch.rand(angles.shape, generator=g).to(angles))
+        position.fill_(p)
+        want_keys, want_values = keys.clone(), values.clone()
+        want = fused.decode_attention_at_reference(qkv, angles.cos(), angles.sin(), heads, kv_heads, want_keys,
+                                                   want_values, position, window, sliding)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, want, **TOLERANCE[dtype])
+        torch.testing.assert_close(keys, want_keys, **TOLERANCE[dtype])
+        assert torch.equal(values, want_values)
+
+
+@pytest.mark.cuda
+@requires_cuda
 @torch.inference_mode()
 def test_fused_kernels_replay_in_a_cuda_graph():
     width, heads = 4096, 32

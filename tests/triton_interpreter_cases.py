@@ -148,6 +148,35 @@ def test_rotary_qkv_to_cache(heads, kv_heads, head_dim, seq):
     assert torch.equal(values[:, :, slots[:-1]], want_values[:, :, slots[:-1]])
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "n_slots", "window", "position", "sliding"), [
+    (4, 2, 8, 150, 150, 137, None),   # three chunks of 64 slots, grouped-query heads
+    (3, 3, 4, 40, 40, 0, None),       # the first token
+    (6, 1, 16, 90, 90, 70, 9),        # a sliding window inside one chunk
+    (2, 1, 8, 300, 200, 230, None),   # the token past the attended window: its slot written, not attended
+    (2, 2, 8, 50, 50, 50, None),      # a slot outside the cache: dropped, the window attended
+])
+def test_decode_attention(heads, kv_heads, head_dim, n_slots, window, position, sliding):
+    g = torch.Generator().manual_seed(n_slots + position)
+    qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * head_dim, generator=g)
+    angles = position * torch.rand(1, head_dim // 2, generator=g)
+    keys, values = (torch.randn(1, kv_heads, n_slots, head_dim, generator=g) for _ in range(2))
+    at = torch.tensor([position])
+    want_keys, want_values = keys.clone(), values.clone()
+    if position < n_slots:
+        want = fused.decode_attention_at_reference(qkv, angles.cos(), angles.sin(), heads, kv_heads, want_keys,
+                                                   want_values, at, window, sliding)
+    else:  # (the reference refuses the slot) the window's slots attended, nothing written
+        q = fused.rotary_qkv_reference(qkv, angles.cos(), angles.sin(), heads, kv_heads)[0]
+        group = heads // kv_heads
+        scores = torch.einsum("hd,hsd->hs", q[0, :, 0], keys[0].repeat_interleave(group, 0)) / head_dim ** 0.5
+        want = (scores.softmax(-1)[:, None, :] @ values[0].repeat_interleave(group, 0))[:, 0].reshape(1, 1, -1)
+    got = triton_fused.decode_attention(qkv, angles.cos(), angles.sin(), heads, kv_heads, keys, values, at, window,
+                                        sliding)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(keys, want_keys, **TOL)
+    torch.testing.assert_close(values, want_values, **TOL)
+
+
 def test_l2_prefetch():
     """Reads a prefix of any byte length, past the end too, and writes nothing but (rarely) its sink."""
     w = torch.randn(101, 37).half()

@@ -1,11 +1,13 @@
-"""Triton kernels for ``fused.py``: residual add + RMSNorm, the rotary embedding of q and k, and a stream's
-wait for a flag the host sets.
+"""Triton kernels for ``fused.py``: residual add + RMSNorm, the rotary embedding of q and k, a decode token's
+attention (flash-decoding: Dao et al. 2023, "Flash-Decoding for long-context inference"), and a stream's wait
+for a flag the host sets.
 
 Pinned host tensors (a delta, the norm's float32 copy, the flag) are read and written in place through their
 device-mapped addresses; host deltas are read with volatile loads, past any cached copy, since the host may
 have written them after the kernel was queued (``wait_for_host_flag``). One program per row (token) for the
-norm, one per (token, head) for the rotation; every launch shape depends on the tensor shapes alone, so
-both run inside the CUDA graphs of a decode step. Arithmetic is
+norm, one per (token, head) for the rotation, one per (KV head, chunk of slots) and then one per query head for
+the attention; every launch shape depends on the tensor shapes alone, so all run inside the CUDA graphs of a
+decode step. Arithmetic is
 float32 and rounds where the references round: the sum to x's dtype before it is normed, the normed row to
 x's dtype before the weight multiplies it.
 """
@@ -169,3 +171,123 @@ def l2_prefetch(source: torch.Tensor, nbytes: int, sink: torch.Tensor) -> None:
     if words.numel():
         _l2_prefetch_kernel[(triton.cdiv(words.numel(), _L2_PREFETCH_BLOCK),)](
             words, sink, words.numel(), BLOCK=_L2_PREFETCH_BLOCK, num_warps=4)
+
+
+@triton.jit
+def _rotated(source, d, partner, cos, sin):
+    """A head's vector (float32) in the rotate-half layout, rotated: d's pair is `partner`, the first half's sin
+    negated."""
+    x = tl.load(source + d).to(tl.float32)
+    return x * cos + tl.load(source + partner).to(tl.float32) * sin
+
+
+@triton.jit
+def _decode_attention_split_kernel(qkv_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, position_ptr, max_ptr, sum_ptr,
+                                   acc_ptr, n_heads, n_kv_heads, group, n_slots, window, sliding_window, chunk,
+                                   scale, DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
+                                   SLIDING: tl.constexpr):
+    """One KV head's query heads over one chunk of slots: the softmax's running max, sum and weighted values
+    (float32) of the chunk, for `_decode_attention_combine_kernel`. The token's own k and v come from registers
+    (rotated and rounded to the cache's dtype here), since the program of chunk 0 writes them into the cache
+    meanwhile."""
+    kv, split = tl.program_id(0), tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    position = tl.load(position_ptr).to(tl.int32)
+    last = tl.minimum(position, window - 1)
+    first = 0
+    if SLIDING:
+        first = tl.maximum(position - sliding_window + 1, 0)
+    d = tl.arange(0, DIM)
+    half = DIM // 2
+    partner = (d + half) % DIM
+    cos = tl.load(cos_ptr + d % half)
+    sin = tl.where(d < half, -1.0, 1.0) * tl.load(sin_ptr + d % half)
+    key = _rotated(qkv_ptr + (n_heads + kv) * DIM, d, partner, cos, sin).to(keys_ptr.dtype.element_ty)
+    value = tl.load(qkv_ptr + (n_heads + n_kv_heads + kv) * DIM + d).to(values_ptr.dtype.element_ty)
+    row = kv * n_slots
+    if split == 0:
+        slot_d = position + 0 * d  # a block: a scalar mask trips Triton's interpreter
+        inside = (slot_d >= 0) & (slot_d < n_slots)  # a slot outside the cache is dropped
+        tl.store(keys_ptr + (row + position) * DIM + d, key, mask=inside)
+        tl.store(values_ptr + (row + position) * DIM + d, value, mask=inside)
+    heads = tl.arange(0, GROUP)
+    head_ok = heads < group
+    q_at = qkv_ptr + (kv * group + heads)[:, None] * DIM
+    q = tl.load(q_at + d[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32) * cos[None, :] + \
+        tl.load(q_at + partner[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32) * sin[None, :]
+    q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32)  # rounded as the rotary kernel's q is
+    running_max = tl.full([GROUP], float("-inf"), tl.float32)
+    running_sum = tl.zeros([GROUP], tl.float32)
+    acc = tl.zeros([GROUP, DIM], tl.float32)
+    start = tl.maximum(split * chunk, first)
+    stop = tl.minimum((split + 1) * chunk, last + 1)
+    for block in range(start, stop, BLOCK_S):
+        slots = block + tl.arange(0, BLOCK_S)
+        ok = slots < stop
+        own = (slots == position)[:, None]
+        at = (row + slots)[:, None] * DIM + d[None, :]
+        keys = tl.where(own, key[None, :], tl.load(keys_ptr + at, mask=ok[:, None], other=0.0)).to(tl.float32)
+        values = tl.where(own, value[None, :], tl.load(values_ptr + at, mask=ok[:, None], other=0.0)).to(tl.float32)
+        scores = tl.sum(q[:, None, :] * keys[None, :, :], axis=2) * scale
+        scores = tl.where(ok[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        weights = tl.exp(scores - new_max[:, None])
+        rescale = tl.exp(running_max - new_max)
+        acc = acc * rescale[:, None] + tl.sum(weights[:, :, None] * values[None, :, :], axis=1)
+        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+        running_max = new_max
+    out = (kv * group + heads) * n_splits + split  # [head, split]
+    tl.store(max_ptr + out, running_max, mask=head_ok)
+    tl.store(sum_ptr + out, running_sum, mask=head_ok)
+    tl.store(acc_ptr + out[:, None] * DIM + d[None, :], acc, mask=head_ok[:, None])
+
+
+@triton.jit
+def _decode_attention_combine_kernel(max_ptr, sum_ptr, acc_ptr, out_ptr, n_splits, DIM: tl.constexpr,
+                                     SPLITS: tl.constexpr):
+    """One query head: its chunks' partial softmaxes merged (each rescaled to the largest max)."""
+    head = tl.program_id(0)
+    splits = tl.arange(0, SPLITS)
+    split_ok = splits < n_splits
+    maxima = tl.load(max_ptr + head * n_splits + splits, mask=split_ok, other=float("-inf"))
+    top = tl.max(maxima, axis=0)
+    scale = tl.where(split_ok & (maxima > float("-inf")), tl.exp(maxima - top), 0.0)
+    total = tl.sum(tl.load(sum_ptr + head * n_splits + splits, mask=split_ok, other=0.0) * scale, axis=0)
+    d = tl.arange(0, DIM)
+    acc = tl.load(acc_ptr + (head * n_splits + splits)[:, None] * DIM + d[None, :], mask=split_ok[:, None],
+                  other=0.0)
+    y = tl.sum(acc * scale[:, None], axis=0) / total
+    tl.store(out_ptr + head * DIM + d, y.to(out_ptr.dtype.element_ty))
+
+
+# swept on an H100 (BLOCK_S 16-64, up to 32-128 chunks, 1-4 warps; 192- to 4096-slot caches, positions early and
+# late, 32 and 8 KV heads): many small one-warp programs were best overall and never slower than rotary + SDPA
+# (decode_attention_flash_h100.json)
+_DECODE_BLOCK_S = 16
+_DECODE_MAX_SPLITS = 128
+_DECODE_WARPS = 1
+
+
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
+                     keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, window: int,
+                     sliding_window: int | None) -> torch.Tensor:
+    """Flash-decoding (split-KV) attention of one token: the cache's slots split into up to 128 chunks, one
+    program per (KV head, chunk), then one per query head merging the chunks. Launch shapes depend on the cache
+    shape alone; the position is read on the device."""
+    dim = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
+    n_slots = keys.shape[2]
+    n_splits = min(triton.cdiv(window, _DECODE_BLOCK_S), _DECODE_MAX_SPLITS)
+    chunk = triton.cdiv(triton.cdiv(window, n_splits), _DECODE_BLOCK_S) * _DECODE_BLOCK_S
+    group = n_heads // n_kv_heads
+    maxima = torch.empty((n_heads, n_splits), dtype=torch.float32, device=qkv.device)
+    sums = torch.empty_like(maxima)
+    acc = torch.empty((n_heads, n_splits, dim), dtype=torch.float32, device=qkv.device)
+    _decode_attention_split_kernel[(n_kv_heads, n_splits)](
+        qkv, cos.float().contiguous(), sin.float().contiguous(), keys, values, position, maxima, sums, acc, n_heads,
+        n_kv_heads, group, n_slots, window, sliding_window or 0, chunk, dim ** -0.5, DIM=dim,
+        GROUP=triton.next_power_of_2(group), BLOCK_S=_DECODE_BLOCK_S, SLIDING=bool(sliding_window),
+        num_warps=_DECODE_WARPS)
+    out = torch.empty((1, 1, n_heads * dim), dtype=qkv.dtype, device=qkv.device)
+    _decode_attention_combine_kernel[(n_heads,)](maxima, sums, acc, out, n_splits, DIM=dim,
+                                                 SPLITS=triton.next_power_of_2(n_splits), num_warps=4)
+    return out

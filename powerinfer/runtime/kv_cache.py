@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from powerinfer.kernels.fused import decode_attention, rotary_qkv_to_cache, use_decode_attention_kernel
+from powerinfer.kernels.fused import decode_attention_at, rotary_qkv_to_cache, use_decode_attention_at
 
 
 class KVCache:
@@ -53,15 +53,13 @@ class KVCache:
     def decode_attention(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          positions: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor | None:
         """One token's attention output [1, 1, n_heads * head_dim] as one fused call (kernels.fused
-        `decode_attention`: k and v written into the token's slot, attention over the slots `attention_mask`
-        allows it); None where there is no such call (not one float32 CPU token): use `store_rotary`."""
+        `decode_attention_at`: k and v written into the token's slot, attention over the slots `attention_mask`
+        allows it); None where there is no such call (`use_decode_attention_at`): use `store_rotary`."""
         keys, values = self.keys[layer], self.values[layer]
-        if not use_decode_attention_kernel(qkv, keys, values):
+        if not use_decode_attention_at(qkv, keys, values):
             return None
-        position = int(positions[0])
-        first = max(0, position - self.sliding_window + 1) if self.sliding_window else 0
-        return decode_attention(qkv, cos, sin, n_heads, n_kv_heads, keys, values, position, first,
-                                min(position, self.window - 1))
+        return decode_attention_at(qkv, cos, sin, n_heads, n_kv_heads, keys, values, positions, self.window,
+                                   self.sliding_window)
 
     def attention_mask(self, positions: torch.Tensor) -> torch.Tensor | None:
         """[T, window] boolean mask: query at position p sees slots <= p (and > p - sliding_window).
