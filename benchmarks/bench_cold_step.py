@@ -4,7 +4,8 @@ step, so this times the CPU's part of every layer without the waits for the GPU.
 
 Per round, over --layers synthetic layers (rows bundled per neuron in huge pages, as the executor keeps cold
 rows; active sets drawn hot-first, a new one per round): `per_layer` calls each layer's bound operator in turn;
-`step` runs them all in one call. The two alternate, and both write the same outputs (checked).
+`step` runs them all in one call; `step_rows_only` too, never splitting a layer's down product by columns
+(`column_split_max=0`). They take turns, and all write the same outputs (checked).
 
     python benchmarks/bench_cold_step.py --threads 16 --active 107 --json results/cold_step.json
 """
@@ -12,6 +13,7 @@ rows; active sets drawn hot-first, a new one per round): `per_layer` calls each 
 import powerinfer  # noqa: F401  (before torch: the OpenMP wait policy)
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -50,7 +52,8 @@ def main():
         sets.append(active_sets(args.cold_rows, args.active, 8, g))
     gpu_ready, cpu_ready = buffer(args.layers, LINE, dtype=torch.int32), buffer(args.layers, LINE, dtype=torch.int32)
     bound = [op.bind(x, m, y) for op, x, m, y in zip(ops, xs, masks, outs)]
-    step = ColdStep(ops, xs, masks, outs, range(args.layers), gpu_ready, cpu_ready)
+    steps = {name: ColdStep(ops, xs, masks, outs, range(args.layers), gpu_ready, cpu_ready, column_split_max=split)
+             for name, split in (("step", None), ("step_rows_only", 0))}
     ready = cpu_ready[:, 0].numpy()
 
     def per_layer():
@@ -60,29 +63,34 @@ def main():
             ready[i] = 1
         return n
 
-    def whole_step():
+    def whole_step(step):
         gpu_ready[:, 0] = 1
         return step()
 
-    results, checks = {"per_layer": [], "step": []}, []
+    cases = [("per_layer", per_layer)] + [(name, functools.partial(whole_step, step)) for name, step in steps.items()]
+    results, checks = {name: [] for name, _ in cases}, []
     for r in range(args.rounds):
         for mask, layer_sets in zip(masks, sets):
             mask.copy_(layer_sets[r % len(layer_sets)])
-        cases = [("per_layer", per_layer), ("step", whole_step)]
         outputs = {}
-        for name, run in cases if r % 2 == 0 else cases[::-1]:
+        for name, run in cases[r % len(cases):] + cases[:r % len(cases)]:
             start = time.perf_counter()
             run()
             results[name].append((time.perf_counter() - start) / args.layers * 1e6)
             outputs[name] = torch.cat(outs).clone()
-        checks.append(float((outputs["step"] - outputs["per_layer"]).abs().max()))
+        checks.append(max(float((outputs[name] - outputs["per_layer"]).abs().max()) for name in steps))
     skip = min(4, args.rounds // 4)  # warm-up rounds
     summary = {name: {"median_us_per_layer": round(statistics.median(v[skip:]), 1),
                       "min": round(min(v[skip:]), 1), "max": round(max(v[skip:]), 1)} for name, v in results.items()}
-    faster = sum(s < p for s, p in zip(results["step"][skip:], results["per_layer"][skip:]))
+
+    def faster(a, b):
+        return f"{sum(x < y for x, y in zip(results[a][skip:], results[b][skip:]))} of {args.rounds - skip}"
+
     report = {"benchmark": "cold_step", **environment(), "threads": args.threads, "layers": args.layers,
               "d": args.d, "cold_rows": args.cold_rows, "active": args.active, "rows_dtype": "bfloat16",
-              "results": summary, "step_faster_rounds": f"{faster} of {args.rounds - skip}",
+              "column_split_max": steps["step"].column_split_max, "results": summary,
+              "step_faster_than_per_layer_rounds": faster("step", "per_layer"),
+              "step_faster_than_rows_only_rounds": faster("step", "step_rows_only"),
               "max_abs_difference": max(checks)}
     print(report)
     if args.json:

@@ -42,13 +42,17 @@ def threads():
     cpu.set_num_threads(before)
 
 
+# column_split_max: never, the default (8 per thread: layers on either side of it), every layer
+@pytest.mark.parametrize("column_split_max", [0, None, 10**6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_cold_step_equals_the_per_layer_calls_and_hands_every_layer_over(threads, dtype):
+def test_cold_step_equals_the_per_layer_calls_and_hands_every_layer_over(threads, dtype, column_split_max):
     layers = _layers(4, dtype)
     rows = [2, 0, 3, 1]  # a layer's flags need not be in layer order
     gpu_ready, cpu_ready = torch.zeros(5, LINE, dtype=torch.int32), torch.zeros(5, LINE, dtype=torch.int32)
     step = ColdStep([op for op, *_ in layers], *zip(*[(x, m, y) for _, x, m, y in layers]), rows, gpu_ready,
-                    cpu_ready)
+                    cpu_ready, column_split_max=column_split_max)
+    if column_split_max is None:  # the layers fall on both sides of the default
+        assert {int(m.sum()) <= step.column_split_max for _, _, m, _ in layers if m.any()} == {True, False}
     for round_ in range(3):  # the flags re-arm, the buffers are read afresh
         for _, x, mask, _ in layers:
             x.normal_(generator=torch.Generator().manual_seed(round_))
