@@ -80,6 +80,26 @@ def test_cold_step_gives_up_when_a_flag_never_comes(threads):
     assert cpu_ready[1, 0] == 0
 
 
+@pytest.mark.parametrize("column_split_max", [0, 10**6])
+def test_cold_step_hands_over_every_layer_in_long_runs_of_empty_layers(threads, column_split_max):
+    """Every layer meets at a barrier, empty ones too: without it a thread racing ahead through empty layers
+    counted itself done for two layers before the others, and a layer's flags were handed over by the wrong
+    thread or never."""
+    layers = [_layers(2, torch.float32)[0] for _ in range(12)]
+    for i, (_, _, mask, _) in enumerate(layers):
+        if i % 4:
+            mask.zero_()
+    gpu_ready, cpu_ready = torch.zeros(12, LINE, dtype=torch.int32), torch.zeros(12, LINE, dtype=torch.int32)
+    step = ColdStep([op for op, *_ in layers], *zip(*[(x, m, y) for _, x, m, y in layers]), range(12), gpu_ready,
+                    cpu_ready, spin_limit=10_000_000, column_split_max=column_split_max)
+    want = sum(int(m.sum()) for _, _, m, _ in layers)
+    for _ in range(200):
+        gpu_ready[:, 0] = 1
+        cpu_ready.zero_()
+        assert step() == want
+        assert gpu_ready[:, 0].tolist() == [0] * 12 and cpu_ready[:, 0].tolist() == [1] * 12
+
+
 def test_cold_step_refuses_what_it_cannot_run(threads):
     (op, x, mask, y), = _layers(1, torch.float32)
     flags = torch.zeros(1, LINE, dtype=torch.int32)

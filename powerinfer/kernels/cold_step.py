@@ -48,7 +48,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.typed import List
 
-from powerinfer.kernels.cpu import _FASTMATH, MaskedFFN, _active_rows, _gated_rows, _masked_rows, _scale, _weight
+from powerinfer.kernels.cpu import _FASTMATH, MaskedFFN, _accumulate_rows, _active_rows, _gated_rows, _masked_rows
 
 from powerinfer.kernels.fused import FLAG_STRIDE as LINE  # int32 entries per flag
 
@@ -146,32 +146,6 @@ def _item_impl(items, i):
     return lambda items, i: items[i]
 
 
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _accumulate_columns(acc, h, rows, n, w_down_t, s_down, c0):
-    """acc = the sum over j < n of h[j] * w_down_t[rows[j], c0:c0 + len(acc)]: `_accumulate_rows` over one block
-    of output columns, eight rows per pass."""
-    width = acc.shape[0]
-    acc[:] = 0
-    j = 0
-    while j + 8 <= n:
-        r0, r1, r2, r3 = w_down_t[rows[j]], w_down_t[rows[j + 1]], w_down_t[rows[j + 2]], w_down_t[rows[j + 3]]
-        r4, r5, r6, r7 = w_down_t[rows[j + 4]], w_down_t[rows[j + 5]], w_down_t[rows[j + 6]], w_down_t[rows[j + 7]]
-        k0, k1 = h[j] * _scale(s_down, rows[j]), h[j + 1] * _scale(s_down, rows[j + 1])
-        k2, k3 = h[j + 2] * _scale(s_down, rows[j + 2]), h[j + 3] * _scale(s_down, rows[j + 3])
-        k4, k5 = h[j + 4] * _scale(s_down, rows[j + 4]), h[j + 5] * _scale(s_down, rows[j + 5])
-        k6, k7 = h[j + 6] * _scale(s_down, rows[j + 6]), h[j + 7] * _scale(s_down, rows[j + 7])
-        for c in range(width):
-            i = c0 + c
-            acc[c] += ((k0 * _weight(r0, i) + k1 * _weight(r1, i)) + (k2 * _weight(r2, i) + k3 * _weight(r3, i))
-                       + (k4 * _weight(r4, i) + k5 * _weight(r5, i)) + (k6 * _weight(r6, i) + k7 * _weight(r7, i)))
-        j += 8
-    while j < n:
-        row, coeff = w_down_t[rows[j]], h[j] * _scale(s_down, rows[j])
-        for c in range(width):
-            acc[c] += coeff * _weight(row, c0 + c)
-        j += 1
-
-
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
 def _cold_step_kernel(xs, gates, ups, downs, s_gates, s_ups, s_downs, masks, outs, flag_rows, stride, code, threshold,
                       gpu_ready, cpu_ready, partials, hs, kept_h, kept_rows, column_acc, column_split_max, sync,
@@ -203,9 +177,10 @@ def _cold_step_kernel(xs, gates, ups, downs, s_gates, s_ups, s_downs, masks, out
                     if h[0, j] != 0:
                         h_kept[m], rows[m] = h[0, j], ids[j]
                         m += 1
-                acc = column_acc[thread, :last - first]
-                _accumulate_columns(acc, h_kept, rows, m, w_down_t, s_down, first)
-                out[0, first:last] = acc
+                acc = column_acc[thread, :last - first].reshape((1, last - first))
+                acc[:] = 0
+                _accumulate_rows(acc, h_kept.reshape((1, h_kept.shape[0])), rows, 0, m, w_down_t, s_down, first)
+                out[:, first:last] = acc
             else:  # by neurons: each thread its rows' products into its partial output, then the sum
                 partial = partials[layer % 2]
                 if thread < n_tasks:

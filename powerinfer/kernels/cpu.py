@@ -192,16 +192,25 @@ def _gate_up_kernel(x, w_gate, w_up, idx, code, threshold, n_tasks, out):
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _accumulate_rows(acc, h, ids, start, stop, w_down_t, s_down):
-    """acc[t] += h[t, j] * w_down_t[ids[j]] for j in [start, stop): eight rows per pass over acc (one load and
-    store of the accumulator per eight FMAs; 1,100 bfloat16 rows of 4,096 at one thread on the 2-core VM:
-    0.95 -> 0.69-0.77 ms against four per pass, float32 3% faster), then four, then one. `s_down`: row scales
-    of int8 weights (None for float)."""
+def _row(w, i, first_column):
+    """Row i of w from column first_column on (a contiguous view)."""
+    return w[i][first_column:]
+
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _accumulate_rows(acc, h, ids, start, stop, w_down_t, s_down, first_column):
+    """acc[t] += h[t, j] * w_down_t[ids[j], first_column:first_column + d] for j in [start, stop), d the width of
+    acc (all of a row, or one block of output columns): eight rows per pass over acc (one load and store of the
+    accumulator per eight FMAs; 1,100 bfloat16 rows of 4,096 at one thread on the 2-core VM: 0.95 -> 0.69-0.77 ms
+    against four per pass, float32 3% faster), then four, then one. `s_down`: row scales of int8 weights (None
+    for float)."""
     n_tokens, d = acc.shape
     j = start
     while j + 8 <= stop:
-        r0, r1, r2, r3 = w_down_t[ids[j]], w_down_t[ids[j + 1]], w_down_t[ids[j + 2]], w_down_t[ids[j + 3]]
-        r4, r5, r6, r7 = w_down_t[ids[j + 4]], w_down_t[ids[j + 5]], w_down_t[ids[j + 6]], w_down_t[ids[j + 7]]
+        r0, r1 = _row(w_down_t, ids[j], first_column), _row(w_down_t, ids[j + 1], first_column)
+        r2, r3 = _row(w_down_t, ids[j + 2], first_column), _row(w_down_t, ids[j + 3], first_column)
+        r4, r5 = _row(w_down_t, ids[j + 4], first_column), _row(w_down_t, ids[j + 5], first_column)
+        r6, r7 = _row(w_down_t, ids[j + 6], first_column), _row(w_down_t, ids[j + 7], first_column)
         s0, s1, s2, s3 = (_scale(s_down, ids[j]), _scale(s_down, ids[j + 1]), _scale(s_down, ids[j + 2]),
                           _scale(s_down, ids[j + 3]))
         s4, s5, s6, s7 = (_scale(s_down, ids[j + 4]), _scale(s_down, ids[j + 5]), _scale(s_down, ids[j + 6]),
@@ -216,7 +225,8 @@ def _accumulate_rows(acc, h, ids, start, stop, w_down_t, s_down):
                              + (c6 * _weight(r6, c) + c7 * _weight(r7, c)))
         j += 8
     while j + 4 <= stop:
-        r0, r1, r2, r3 = w_down_t[ids[j]], w_down_t[ids[j + 1]], w_down_t[ids[j + 2]], w_down_t[ids[j + 3]]
+        r0, r1 = _row(w_down_t, ids[j], first_column), _row(w_down_t, ids[j + 1], first_column)
+        r2, r3 = _row(w_down_t, ids[j + 2], first_column), _row(w_down_t, ids[j + 3], first_column)
         s0, s1 = _scale(s_down, ids[j]), _scale(s_down, ids[j + 1])
         s2, s3 = _scale(s_down, ids[j + 2]), _scale(s_down, ids[j + 3])
         for t in range(n_tokens):
@@ -227,7 +237,7 @@ def _accumulate_rows(acc, h, ids, start, stop, w_down_t, s_down):
                              + c3 * _weight(r3, c))
         j += 4
     while j < stop:
-        row = w_down_t[ids[j]]
+        row = _row(w_down_t, ids[j], first_column)
         scale = _scale(s_down, ids[j])
         for t in range(n_tokens):
             coeff = h[t, j] * scale
@@ -257,7 +267,8 @@ def _down_kernel(h, w_down_t, idx, n_tasks, out):
     d = w_down_t.shape[1]
     partial = np.zeros((n_tasks, n_tokens, d), np.float32)
     for task in prange(n_tasks):
-        _accumulate_rows(partial[task], h, idx, task * k // n_tasks, (task + 1) * k // n_tasks, w_down_t, None)
+        _accumulate_rows(partial[task], h, idx, task * k // n_tasks, (task + 1) * k // n_tasks, w_down_t, None,
+                         0)
     _sum_partials(partial, out)
 
 
@@ -619,7 +630,7 @@ def _masked_rows(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, ids, code, thr
                 h[t, m] = h[t, j]
             rows[m] = ids[j]
             m += 1
-    _accumulate_rows(acc, h, rows, 0, m, w_down_t, s_down)
+    _accumulate_rows(acc, h, rows, 0, m, w_down_t, s_down, 0)
 
 
 @njit(**_JIT)
