@@ -48,7 +48,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.typed import List
 
-from powerinfer.kernels.cpu import _FASTMATH, MaskedFFN, _accumulate_rows, _active_rows, _gated_rows, _masked_rows
+from powerinfer.kernels.cpu import (_FASTMATH, MaskedFFN, _accumulate_rows, _active_rows, _gated_rows, _kept_neurons,
+                                   _masked_rows)
 
 from powerinfer.kernels.fused import FLAG_STRIDE as LINE  # int32 entries per flag
 
@@ -172,14 +173,10 @@ def _cold_step_kernel(xs, gates, ups, downs, s_gates, s_ups, s_downs, masks, out
                 if not _barrier(sync, n_threads, spin_limit):
                     break
                 h_kept, rows = kept_h[thread], kept_rows[thread]
-                m = 0
-                for j in range(k):  # the neurons with a nonzero activation, alike in every thread
-                    if h[0, j] != 0:
-                        h_kept[m], rows[m] = h[0, j], ids[j]
-                        m += 1
+                m = _kept_neurons(h, ids, h_kept, rows)  # alike in every thread
                 acc = column_acc[thread, :last - first].reshape((1, last - first))
                 acc[:] = 0
-                _accumulate_rows(acc, h_kept.reshape((1, h_kept.shape[0])), rows, 0, m, w_down_t, s_down, first)
+                _accumulate_rows(acc, h_kept, rows, 0, m, w_down_t, s_down, first)
                 out[:, first:last] = acc
             else:  # by neurons: each thread its rows' products into its partial output, then the sum
                 partial = partials[layer % 2]
@@ -243,7 +240,8 @@ class ColdStep:
         cap = max(f.n_ff for f in ffns)
         self.partials = np.zeros((2, self.threads, 1, d), np.float32)
         self.hs = np.zeros((2, 1, cap), np.float32)
-        self.kept_h, self.kept_rows = np.zeros((self.threads, cap), np.float32), np.zeros((self.threads, cap), np.int64)
+        self.kept_h = np.zeros((self.threads, 1, cap), np.float32)
+        self.kept_rows = np.zeros((self.threads, cap), np.int64)
         self.column_acc = np.zeros((self.threads, d), np.float32)
         self.sync = np.zeros(4 * _SYNC_LINE, np.int64)
         self.counts = np.zeros(len(ffns), np.int64)

@@ -612,6 +612,24 @@ def _active_rows(mask, stride):
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _kept_neurons(h, ids, kept_h, kept_rows):
+    """How many of the neurons ids[j] (activations h[:, j]) are nonzero for some token; their activations and
+    ids are moved, in order, to the front of kept_h and kept_rows (kept_h may be h itself)."""
+    n_tokens, n = h.shape[0], ids.shape[0]
+    m = 0
+    for j in range(n):
+        nonzero = False
+        for t in range(n_tokens):
+            nonzero = nonzero or h[t, j] != 0
+        if nonzero:  # kept: moved down to column m
+            for t in range(n_tokens):
+                kept_h[t, m] = h[t, j]
+            kept_rows[m] = ids[j]
+            m += 1
+    return m
+
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
 def _masked_rows(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, ids, code, threshold, acc):
     """acc = the FFN output over the neurons `ids` (one task's share): gate/up first, then the down AXPY over
     those with a nonzero h (a predicted neuron that stays at zero never has its down row read)."""
@@ -620,16 +638,7 @@ def _masked_rows(x, w_gate, w_up, w_down_t, s_gate, s_up, s_down, ids, code, thr
     h = np.empty((n_tokens, n), np.float32)
     _gated_rows(x, w_gate, w_up, s_gate, s_up, ids, code, threshold, h)
     rows = np.empty(n, np.int64)
-    m = 0
-    for j in range(n):
-        nonzero = False
-        for t in range(n_tokens):
-            nonzero = nonzero or h[t, j] != 0
-        if nonzero:  # kept: moved down to column m
-            for t in range(n_tokens):
-                h[t, m] = h[t, j]
-            rows[m] = ids[j]
-            m += 1
+    m = _kept_neurons(h, ids, h, rows)
     _accumulate_rows(acc, h, rows, 0, m, w_down_t, s_down, 0)
 
 
