@@ -435,6 +435,30 @@ def test_linear_dispatcher():
     assert not dense.use_gemv_kernel(few, w)  # autograd on: torch keeps the graph
 
 
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (301, 577), (4099, 2500)])
+def test_cuda_gemv_matches_reference(n, k, dtype):
+    from powerinfer.kernels import dense, linear
+
+    g = torch.Generator().manual_seed(n)
+    w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to("cuda", dtype)
+    b = torch.randn(n, generator=g).to("cuda", dtype)
+    one, two = torch.randn(1, 1, k, generator=g).to("cuda", dtype), torch.randn(1, 2, k, generator=g).to("cuda", dtype)
+    with torch.inference_mode():
+        assert dense.use_gpu_gemv_kernel(one, w, b) and not dense.use_gpu_gemv_kernel(two, w)
+        assert not dense.use_gpu_gemv_kernel(one, w.float())
+        assert not dense.use_gpu_gemv_kernel(torch.ones(1, 1, 3, device="cuda", dtype=dtype),
+                                              torch.ones(3, 5, device="cuda", dtype=dtype).t())  # column-major
+        for bias in (None, b):
+            want = torch.nn.functional.linear(one.float(), w.float(), None if bias is None else bias.float())
+            got = linear(one, w, bias)
+            assert got.shape == (1, 1, n) and got.dtype == dtype
+            torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)
+    assert not dense.use_gpu_gemv_kernel(one, w)  # autograd on: torch keeps the graph
+
+
 # ---------------------------------------------------------------- CUDA (Triton) kernels
 
 GPU_SHAPES = [(D, N_FF), (1031, 2003)]  # the second spans several d blocks and down splits

@@ -104,6 +104,15 @@ def test_int4_gemv(d, group, n_tokens):
                                **TOL)
 
 
+@pytest.mark.parametrize("k", [101, 2500])  # one block of columns, and a loop over three (the last partial)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_gemv(k, with_bias):
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(37, k, generator=g) / math.sqrt(k)  # 37 rows: the last program's second row is masked off
+    x, bias = torch.randn(k, generator=g), torch.randn(37, generator=g) if with_bias else None
+    torch.testing.assert_close(triton_gpu.dense_gemv(x, w, bias), torch.nn.functional.linear(x, w, bias), **TOL)
+
+
 def test_add_rms_norm():
     g = torch.Generator().manual_seed(4)
     x, a, b = (torch.randn(3, 1, 37, generator=g) for _ in range(3))

@@ -1,19 +1,20 @@
-"""Dense matrix-vector products for CPU decoding: a reference, a numba kernel and a dispatcher.
+"""Dense matrix-vector products for decoding: a reference, fast kernels (numba on the CPU, Triton on CUDA) and a
+dispatcher.
 
 At batch 1 a decode step is a chain of GEMVs that read every weight once, so its speed is the memory
 bandwidth the GEMV reaches. torch's CPU `x @ W.T` with one row of x measured ~12 GB/s on the project's
 2-core VM, where a plain read (`W.sum()`) reaches ~33 GB/s and a row-parallel numba dot (the sparse
 gate/up kernel with every row active) ~31 GB/s; so few-token float32 products on the CPU go to numba.
 Prefill (many tokens) stays with torch's GEMM, which is compute-bound there and well tuned.
+On CUDA one float16 / bfloat16 token goes to a Triton GEMV (kernels/triton_gpu.py): cuBLAS reached 67-91% of an
+H100's copy bandwidth on LLaMA-2's attention and LM-head shapes, the kernel 77-99%
+(benchmarks/results/dense_gemv_h100.json).
 """
 
 import torch
 import torch.nn.functional as F
 
-try:
-    from powerinfer.kernels import cpu as _cpu_kernels
-except ImportError:  # numba not installed
-    _cpu_kernels = None
+from powerinfer.kernels.sparse_ffn import _cpu_kernels, _triton, _triton_available
 
 # Up to this many tokens the product is bandwidth-bound (every weight row read once, used T times).
 GEMV_MAX_TOKENS = 4
@@ -36,9 +37,17 @@ def use_gemv_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_grad_enabled())
 
 
+def use_gpu_gemv_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    return (x.is_cuda and x.numel() == x.shape[-1] > 0 and x.dtype in (torch.float16, torch.bfloat16)
+            and weight.dtype == x.dtype and weight.device == x.device and weight.stride(-1) == 1
+            and (bias is None or bias.dtype == x.dtype) and not torch.is_grad_enabled() and _triton_available())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the numba GEMV for few-token float32 CPU inputs (float32 or bfloat16 weights) outside
-    autograd."""
+    """F.linear, with a GEMV kernel outside autograd for few-token float32 CPU inputs (float32 or bfloat16 weights,
+    numba) and for one float16 / bfloat16 CUDA token (Triton)."""
+    if use_gpu_gemv_kernel(x, weight, bias):
+        return _triton().dense_gemv(x.reshape(-1), weight, bias).view(*x.shape[:-1], weight.shape[0])
     if not use_gemv_kernel(x, weight):
         return linear_reference(x, weight, bias)
     y = _cpu_kernels.dense_gemv(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])

@@ -23,6 +23,9 @@ reduced once) and a tensor-core ``tl.dot`` for 2+ tokens, on a persistent grid o
 few programs per SM. Down splits the active slots into a fixed number of ranges
 (grid: splits x column blocks); each program writes its own fp32 partial and a second
 kernel sums them, so no output element has two writers and results are deterministic.
+
+Also the dense one-token GEMV of the attention projections and the LM head (kernels.dense): a few whole rows per
+program; cuBLAS splits K for the square output projection and adds a reduction kernel.
 """
 
 import functools
@@ -50,6 +53,11 @@ _ZERO_BLOCK = 256
 _SUM_BLOCK_SPLITS, _SUM_BLOCK = 64, 64
 _COMPACT_CHUNK, _COMPACT_MAX_PREFIX_BLOCK, _COMPACT_WARPS = 256, 16384, 8
 _INT4_BLOCK_N, _INT4_BYTES_PER_ROW, _INT4_WARPS = 8, 256, 4
+# Dense one-token GEMV (BLOCK_N, largest BLOCK_K, warps): swept over 43 launch shapes against F.linear (cuBLAS) on
+# an H100, 24 distinct weights per shape in one CUDA graph (benchmarks/results/dense_gemv_h100.json): (2, 1024, 4)
+# 34.5 / 13.8 / 52.5 / 19.6 / 85.3 us at the 7B q/k/v, 7B output, 13B q/k/v, 13B output and 7B lm_head shapes
+# against cuBLAS's 36.8 / 16.8 / 57.4 / 21.0 / 98.2 (whose output GEMV splits K and adds a reduction kernel).
+_DENSE_BLOCK_N, _DENSE_MAX_BLOCK_K, _DENSE_WARPS = 2, 1024, 4
 
 
 @triton.jit
@@ -245,6 +253,25 @@ def _int4_gemv_kernel(x_ptr, packed_ptr, scales_ptr, out_ptr, n_rows, n_groups, 
 
 
 @triton.jit
+def _dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, n, k, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """y = W x (+ bias) for one token: BLOCK_N rows of W per program, fp32 products reduced once at the end."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for start in range(0, k, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        col_ok = cols < k
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
 def _lowrank_hidden_kernel(x_ptr, w1_ptr, hidden_ptr, d, rank, BLOCK_D: tl.constexpr):
     """hidden[t, j] = relu(x[t] . w1[j]), rounded to x's dtype as the reference's product is."""
     j, token = tl.program_id(0), tl.program_id(1)
@@ -418,6 +445,21 @@ def compact_active(mask: torch.Tensor, idx_out: torch.Tensor, count_out: torch.T
         mask, idx_out, count_out, n, CHUNK=_COMPACT_CHUNK,
         PREFIX_BLOCK=min(_COMPACT_MAX_PREFIX_BLOCK, triton.next_power_of_2(n)), num_warps=_COMPACT_WARPS,
     )
+
+
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y[n] = weight[n, k] @ x[k] (+ bias) for one token, in x's dtype (fp32 accumulation); graph-capturable."""
+    if weight.stride(-1) != 1:
+        raise ValueError("weight must be row-major")
+    n, k = weight.shape
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    block_k = min(_DENSE_MAX_BLOCK_K, triton.next_power_of_2(k))
+    _dense_gemv_kernel[(triton.cdiv(n, _DENSE_BLOCK_N),)](
+        x.contiguous(), weight, weight if bias is None else bias, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=_DENSE_BLOCK_N, BLOCK_K=block_k, num_warps=_DENSE_WARPS)
+    return out
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
