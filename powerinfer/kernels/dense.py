@@ -6,9 +6,9 @@ bandwidth the GEMV reaches. torch's CPU `x @ W.T` with one row of x measured ~12
 2-core VM, where a plain read (`W.sum()`) reaches ~33 GB/s and a row-parallel numba dot (the sparse
 gate/up kernel with every row active) ~31 GB/s; so few-token float32 products on the CPU go to numba.
 Prefill (many tokens) stays with torch's GEMM, which is compute-bound there and well tuned.
-On CUDA one float16 / bfloat16 token goes to a Triton GEMV (kernels/triton_gpu.py): cuBLAS reached 67-91% of an
-H100's copy bandwidth on LLaMA-2's attention and LM-head shapes, the kernel 77-99%
-(benchmarks/results/dense_gemv_h100.json).
+On CUDA one float16 / bfloat16 token goes to a Triton GEMV (kernels/triton_gpu.py): on LLaMA-2's attention and
+LM-head shapes cuBLAS read its weights at 67-91% of an H100's copy bandwidth (a copy also writes), the kernel at
+81-102% (benchmarks/results/dense_gemv_h100.json).
 """
 
 import torch
@@ -40,7 +40,8 @@ def use_gemv_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def use_gpu_gemv_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     return (x.is_cuda and x.numel() == x.shape[-1] > 0 and x.dtype in (torch.float16, torch.bfloat16)
             and weight.dtype == x.dtype and weight.device == x.device and weight.stride(-1) == 1
-            and (bias is None or bias.dtype == x.dtype) and not torch.is_grad_enabled() and _triton_available())
+            and (bias is None or (bias.dtype == x.dtype and bias.device == x.device)) and not torch.is_grad_enabled()
+            and _triton_available())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
