@@ -354,6 +354,22 @@ def test_cublas_workspaces_are_budgeted_as_the_environment_sizes_them(monkeypatc
     assert sizes[64 * MiB] - sizes[2 * MiB] == CUBLAS_STREAMS * 62 * MiB
 
 
+def test_allocator_rounding_is_exact_for_weights_of_known_size():
+    """A tensor of 10 MiB or more gets a segment rounded up to 2 MiB: a LLaMA-2-7B's q/k/v, output, embedding and
+    LM-head matrices are whole multiples of it (nothing added), one more vocabulary row makes the last two overrun
+    by 8 KiB (each then adds the rest of its last 2 MiB); the FFN's GPU rows, whose count the placement decides,
+    always count 2 MiB a tensor."""
+    from powerinfer.offline.placement import allocator_bytes, cublas_workspace_bytes
+    from powerinfer.offline.synth import SHAPES
+
+    config = dict(SHAPES["llama2-7b"])
+    bound = allocator_bytes(config, 208, "float16") - cublas_workspace_bytes()
+    # 3 row tensors x 32 layers; a 512-token chunk's q/k/v and gate/up buffers; the KV caches' 20 MiB segment; 2 MiB
+    assert bound == (3 * 32 + 2) * 2 * MiB + 20 * MiB + 2 * MiB
+    wider = allocator_bytes({**config, "vocab_size": 32001}, 208, "float16") - cublas_workspace_bytes()
+    assert wider - bound == 2 * (2 * MiB - 4096 * 2)
+
+
 def test_budget_errors(synth, planted):
     config = json.loads((synth / "config.json").read_text())
     with pytest.raises(PowerInferError, match="must be positive"):

@@ -101,18 +101,28 @@ def cublas_workspace_bytes() -> int:
     return CUBLAS_STREAMS * per_stream
 
 
-def allocator_bytes(config: dict, ctx: int, gpu_dtype: str) -> int:
+def _own_segment_rounding(sizes: list[int]) -> int:
+    """Bytes the allocator's segments add past these tensors: those of 10 MiB or more are rounded up to 2 MiB."""
+    return sum(-n % (2 * MiB) for n in sizes if n >= 10 * MiB)
+
+
+def allocator_bytes(config: dict, ctx: int, gpu_dtype: str, prefill_chunk: int = 512) -> int:
     """What PyTorch's CUDA caching allocator may reserve beyond the tensors: each tensor of 10 MiB or more
-    gets its own segment rounded up to 2 MiB; those of 1-10 MiB are cut from 20 MiB segments, smaller ones
-    from 2 MiB blocks (one partly used segment of each). Bounded with every tensor at its full size. Plus the
-    cuBLAS workspaces (`cublas_workspace_bytes`)."""
-    s, g = _Shapes.from_config(config), DTYPE_BYTES[gpu_dtype]
-    per_layer = [s.d * (s.q + 2 * s.kv), s.q * s.d, ctx * s.kv, ctx * s.kv, s.d * s.n_ff, s.d * s.n_ff,
-                 s.d * s.n_ff]  # qkv, o, K and V caches, gate, up, down
-    sizes = [g * n for n in per_layer] + [g * s.vocab * s.d] * 2
-    large = sum(n >= 10 * MiB for n in sizes[:len(per_layer)]) * s.layers + sum(n >= 10 * MiB for n in sizes[-2:])
-    mid_segment = 20 * MiB if any(MiB <= n < 10 * MiB for n in sizes) else 0
-    return 2 * MiB * large + mid_segment + 2 * MiB + cublas_workspace_bytes()
+    gets its own segment rounded up to 2 MiB (exactly known for the attention weights, KV caches, embeddings and
+    LM head; up to 2 MiB for a layer's GPU rows of gate, up and down, whose count the placement decides, and for
+    a prefill chunk's largest buffers); weights of 1-10 MiB are cut from 20 MiB segments, smaller ones from 2 MiB
+    blocks (one partly used segment of each). Bounded with every tensor at its full size. Plus the cuBLAS
+    workspaces (`cublas_workspace_bytes`). (A flat 2 MiB per large tensor over-counted: a synthetic 7B hybrid
+    peaked ~300 MiB under its 8 GiB budget, whose q/k/v, output and LM-head matrices are whole multiples of 2 MiB.)"""
+    s, g, t = _Shapes.from_config(config), DTYPE_BYTES[gpu_dtype], prefill_chunk
+    fixed = [g * n for n in (s.d * (s.q + 2 * s.kv), s.q * s.d, ctx * s.kv, ctx * s.kv)]  # qkv, o, K and V caches
+    ends = [g * s.vocab * s.d] * 2  # embeddings, LM head
+    rows = [g * s.d * s.n_ff] * 3  # gate, up, down in full
+    transient = [g * t * n for n in (s.d, s.q + 2 * s.kv, 2 * s.n_ff, s.heads * ctx)]  # hidden, qkv, gate/up, scores
+    rounding = s.layers * (_own_segment_rounding(fixed) + 2 * MiB * sum(n >= 10 * MiB for n in rows))
+    rounding += _own_segment_rounding(ends) + 2 * MiB * sum(n >= 10 * MiB for n in transient)
+    mid_segment = 20 * MiB if any(MiB <= n < 10 * MiB for n in fixed + ends + rows) else 0
+    return rounding + mid_segment + 2 * MiB + cublas_workspace_bytes()
 
 
 def required_gpu_bytes(config: dict, ctx: int, gpu_dtype: str = "float16", prefill_chunk: int = 512,
@@ -122,7 +132,7 @@ def required_gpu_bytes(config: dict, ctx: int, gpu_dtype: str = "float16", prefi
     return {"norms": g * s.d * (2 * s.layers + 1),
             "predictors": sum(predictor_bytes) if predictor_bytes is not None else 0,
             "workspace": workspace_bytes(config, ctx, prefill_chunk, gpu_dtype, predictor_bytes is not None),
-            "allocator": allocator_bytes(config, ctx, gpu_dtype)}
+            "allocator": allocator_bytes(config, ctx, gpu_dtype, prefill_chunk)}
 
 
 def check_vram_budget(vram_budget_bytes: float, required: dict, ctx: int) -> None:
