@@ -347,6 +347,48 @@ def test_whole_step_graph_with_one_cold_step_equals_eager_and_per_layer_decode(r
     assert whole_shares == pytest.approx(eager_shares)
 
 
+def _lowrank_predictors(loaded):
+    """Random low-rank predictors (ActivationPredictor), thresholds at 0: about half the neurons predicted."""
+    from powerinfer.models.predictor import ActivationPredictor
+
+    args, g = loaded.args, torch.Generator().manual_seed(3)
+    predictors = []
+    for _ in range(args.num_hidden_layers):
+        predictor = ActivationPredictor(args.hidden_size, 8, args.intermediate_size)
+        with torch.no_grad():
+            for weight in predictor.parameters():
+                weight.copy_(torch.randn(weight.shape, generator=g) / weight.shape[-1] ** 0.5)
+        predictors.append(predictor)
+    return predictors
+
+
+@cuda
+@pytest.mark.cuda
+def test_whole_step_graph_computes_the_lowrank_predictors_hidden_layer_in_the_norm(relu_model, monkeypatch):
+    """With low-rank predictors on the GPU the post-attention norm's kernel also computes each predictor's hidden
+    layer (DecodeSegments.fuse_predictor_hidden) and the decision kernel raises the host flag itself
+    (fuse_notify): the same logits and neuron shares as without either, and as the eager step."""
+    from powerinfer.runtime.segments import DecodeSegments
+
+    ids = torch.randint(0, 256, (20,)).tolist()
+
+    def make_run():
+        loaded = load_model(relu_model)
+        run = build_executor(loaded, "hybrid", "cuda", _lowrank_predictors(loaded), _whole_step_placement(),
+                             hot_dtype=torch.float32)
+        assert all(f.predictor_projection(torch.device("cuda", torch.cuda.current_device()), torch.float32)
+                   is not None for f in run.model.ffns)
+        return run
+    (eager, eager_shares), (fused, fused_shares) = _eager_and_segments(make_run, ids)
+    monkeypatch.setattr(DecodeSegments, "fuse_predictor_hidden", False)
+    monkeypatch.setattr(DecodeSegments, "fuse_notify", False)
+    _, (unfused, unfused_shares) = _eager_and_segments(make_run, ids)
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+    assert fused_shares == pytest.approx(unfused_shares) and fused_shares == pytest.approx(eager_shares)
+    assert 0 < fused_shares[1] < 1  # both halves served active neurons
+
+
 @cuda
 @pytest.mark.cuda
 def test_whole_step_graph_and_timed_per_layer_steps_interleave(relu_model):

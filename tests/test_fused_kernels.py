@@ -47,6 +47,24 @@ def test_add_rms_norm_rejects_bad_deltas():
         fused.add_rms_norm(x, (torch.zeros(3, 8),), torch.ones(8), 1e-5)
 
 
+def test_add_rms_norm_relu_project_adds_the_predictors_hidden_layer():
+    """The sum and norm of add_rms_norm, and relu(normed @ project.T) as float32; a projection of another width or
+    dtype than the normed rows is refused."""
+    g = torch.Generator().manual_seed(5)
+    x, delta, w = torch.randn(2, 37, generator=g), torch.randn(2, 37, generator=g), torch.rand(37, generator=g)
+    project = torch.randn(6, 37, generator=g)
+    total, normed, hidden = fused.add_rms_norm_relu_project(x, (delta,), w, 1e-5, project)
+    want_total, want_normed = fused.add_rms_norm(x, (delta,), w, 1e-5)
+    torch.testing.assert_close(total, want_total)
+    torch.testing.assert_close(normed, want_normed)
+    torch.testing.assert_close(hidden, torch.relu(want_normed @ project.T))
+    assert hidden.dtype == torch.float32 and (hidden == 0).any() and (hidden > 0).any()
+    with pytest.raises(ValueError, match=r"\[r, 37\]"):
+        fused.add_rms_norm_relu_project(x, (delta,), w, 1e-5, torch.randn(6, 36))
+    with pytest.raises(ValueError, match="dtype"):
+        fused.add_rms_norm_relu_project(x, (delta,), w, 1e-5, project.double())
+
+
 def test_rotary_reference_rotates_each_pair_by_its_angle():
     """Pair (i, i + D/2) of a head at position p turns by p * inv_freq[i], as a complex number."""
     g = torch.Generator().manual_seed(2)
@@ -240,6 +258,40 @@ def test_the_kernels_are_not_used_under_autograd():
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
              torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width, rank", [(37, 5), (4096, 32), (5120, 97)])
+@torch.inference_mode()
+def test_triton_add_rms_norm_relu_project_equals_the_reference(dtype, width, rank):
+    """The norm's kernel with the low-rank predictor's first layer (a hybrid layer's post-attention norm),
+    writing the FFN input into pinned memory as well, against the reference; the decision from its hidden layer
+    equals the whole predictor's away from the threshold."""
+    from powerinfer.kernels.lowrank import lowrank_decide, lowrank_mask
+
+    g = torch.Generator().manual_seed(width + rank)
+    x = torch.randn(1, 1, width, generator=g).to("cuda", dtype)
+    w = (1 + torch.randn(width, generator=g) / 4).to("cuda", dtype)
+    attention = torch.randn(1, width, generator=g).to("cuda", dtype)
+    project = (torch.randn(rank, width, generator=g) / math.sqrt(width)).to("cuda", dtype)
+    copy = torch.full((1, width), float("nan")).pin_memory()
+    total, normed, hidden = fused.add_rms_norm_relu_project(x, (attention,), w, 1e-5, project, copy_to=copy)
+    torch.cuda.synchronize()
+    want = fused.add_rms_norm_relu_project_reference(x, (attention,), w, 1e-5, project)
+    for got_part, want_part in zip((total, normed), want):
+        torch.testing.assert_close(got_part, want_part, **TOLERANCE[dtype])
+    torch.testing.assert_close(hidden, want[2], rtol=2e-2, atol=2e-2)  # one 16-bit rounding of a long sum
+    torch.testing.assert_close(copy, normed.float().cpu().view(1, width))
+    w2 = torch.randn(1001, rank, generator=g).to("cuda", dtype)
+    b2, threshold = torch.randn(1001, generator=g).to("cuda", dtype), torch.tensor(0.2, device="cuda")
+    flat = normed.view(1, width)
+    logits = (torch.relu(flat.float() @ project.float().T) @ w2.float().T + b2.float())
+    clear = (logits - 0.2).abs() > 0.1
+    assert clear.float().mean() > 0.8
+    got, whole = lowrank_decide(hidden, w2, b2, threshold), lowrank_mask(flat, project, w2, b2, threshold)
+    assert torch.equal(got[clear], whole[clear])
 
 
 @pytest.mark.cuda

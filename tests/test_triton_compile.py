@@ -1,6 +1,7 @@
 """Triton kernels compiled for a Hopper GPU (sm_90) without one: the compiler, not the interpreter, accepts
-them. For kernels changed since they last ran on a GPU (today: the rotary kernel that writes the KV cache);
-their numbers are checked under the interpreter (test_triton_interpreter.py) and by the CUDA tests."""
+them. For kernels changed since they last ran on a GPU (the rotary kernel that writes the KV cache, the norm with
+the predictor's projection, the predictor's decision raising the host flag); their numbers are checked under the
+interpreter (test_triton_interpreter.py) and by the CUDA tests."""
 
 import pytest
 
@@ -25,16 +26,25 @@ def test_rotary_kernel_compiles_for_sm90(dtype, to_cache):
     assert kernel.asm["cubin"] and ".entry _rotary_kernel" in kernel.asm["ptx"]
 
 
-def test_lowrank_decide_kernel_with_tail_compiles_for_sm90():
+@pytest.mark.parametrize("notify", [False, True])
+def test_lowrank_decide_kernel_with_tail_compiles_for_sm90(notify):
+    """With NOTIFY, each program's stores, a barrier, its arrival (acquire-release at system scope), and the flag
+    released at system scope after: the order the host's view of the mask relies on."""
     from powerinfer.kernels.triton_gpu import _lowrank_decide_kernel
 
     signature = {"hidden_ptr": "*fp32", "w2_ptr": "*fp16", "b2_ptr": "*fp16", "threshold_ptr": "*fp32",
-                 "mask_ptr": "*i1", "tail_ptr": "*i1", "n": "i32", "rank": "i32", "n_always": "i32",
-                 "tail_from": "i32", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr", "TAIL": "constexpr"}
+                 "mask_ptr": "*i1", "tail_ptr": "*i1", "arrivals_ptr": "*i32", "flag_ptr": "*i32", "n": "i32",
+                 "rank": "i32", "n_always": "i32", "tail_from": "i32", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr",
+                 "TAIL": "constexpr", "NOTIFY": "constexpr"}
     source = ASTSource(fn=_lowrank_decide_kernel, signature=signature,
-                       constexprs={"BLOCK_N": 128, "BLOCK_R": 32, "TAIL": True})
+                       constexprs={"BLOCK_N": 128, "BLOCK_R": 32, "TAIL": True, "NOTIFY": notify})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    assert kernel.asm["cubin"]
+    ptx = kernel.asm["ptx"]
+    assert kernel.asm["cubin"] and ("atom" in ptx) == notify
+    if notify:
+        last_store = ptx.rindex("st.global")
+        arrival = ptx.index("atom.global.sys.acq_rel.add")
+        assert last_store < ptx.index("bar.sync", last_store) < arrival < ptx.index("atom.global.sys.release.exch")
 
 
 def test_l2_prefetch_kernel_compiles_for_sm90():
@@ -45,3 +55,18 @@ def test_l2_prefetch_kernel_compiles_for_sm90():
                        constexprs={"BLOCK": _L2_PREFETCH_BLOCK})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert "evict_last" in kernel.asm["ptx"]
+
+
+def test_add_rms_norm_kernel_with_projection_compiles_for_sm90():
+    from powerinfer.kernels.triton_fused import _add_rms_norm_kernel
+
+    signature = {"x_ptr": "*fp16", "delta1_ptr": "*fp16", "delta2_ptr": "*fp16", "weight_ptr": "*fp16",
+                 "sum_ptr": "*fp16", "normed_ptr": "*fp16", "copy_ptr": "*fp32", "project_ptr": "*fp16",
+                 "hidden_ptr": "*fp32", "width": "i32", "rank": "i32", "eps": "fp32", "N_DELTAS": "constexpr",
+                 "COPY": "constexpr", "PROJECT": "constexpr", "BLOCK": "constexpr", "VOLATILE1": "constexpr",
+                 "VOLATILE2": "constexpr"}
+    source = ASTSource(fn=_add_rms_norm_kernel, signature=signature,
+                       constexprs={"N_DELTAS": 1, "COPY": True, "PROJECT": True, "BLOCK": 4096, "VOLATILE1": False,
+                                   "VOLATILE2": False})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
+    assert kernel.asm["cubin"] and ".entry _add_rms_norm_kernel" in kernel.asm["ptx"]

@@ -126,6 +126,36 @@ def test_add_rms_norm():
         torch.testing.assert_close(copy, want[1].view(3, 37), **TOL)
 
 
+@pytest.mark.parametrize("rank", [5, 70])  # 70: more outputs than the kernel's programs per row
+def test_add_rms_norm_relu_project(rank):
+    """The norm's kernel with the predictor's first layer: the same sum, norm and copy as without it, and each
+    program's share of relu(normed @ project.T); the decision kernel finishes the mask from that."""
+    from powerinfer.kernels.lowrank import lowrank_mask_reference
+
+    g = torch.Generator().manual_seed(rank)
+    x, a = (torch.randn(3, 1, 37, generator=g) for _ in range(2))
+    w, project = 1 + torch.randn(37, generator=g) / 4, torch.randn(rank, 37, generator=g) / math.sqrt(37)
+    copy = torch.full((3, 37), float("nan"))
+    total, normed, hidden = triton_fused.add_rms_norm(x, (a,), w, 1e-5, copy, project)
+    want = fused.add_rms_norm_relu_project_reference(x, (a,), w, 1e-5, project)
+    for got_part, want_part in zip((total, normed, hidden), want):
+        torch.testing.assert_close(got_part, want_part, **TOL)
+    torch.testing.assert_close(copy, want[1].view(3, 37), **TOL)
+    assert hidden.shape == (3, rank) and (hidden >= 0).all() and (hidden > 0).any()
+    w2, b2 = torch.randn(N_FF, rank, generator=g), torch.randn(N_FF, generator=g)
+    tail = torch.zeros(N_FF - 60, dtype=torch.bool)
+    got = triton_gpu.lowrank_decide(hidden[:1], w2, b2, torch.tensor(0.3), always_active=4, tail=tail)
+    token = normed.view(3, 37)[:1]
+    want_mask = lowrank_mask_reference(token, project, w2, b2, 0.3, always_active=4)
+    clear = ((torch.relu(token @ project.T) @ w2.T + b2 - 0.3).abs() > 1e-4) | (torch.arange(N_FF) < 4)
+    assert clear.float().mean() > 0.98
+    assert torch.equal(got[clear], want_mask[clear]) and torch.equal(tail, got[0, 60:])
+    # the last of its programs raises the host flag and re-arms the count
+    flag, arrivals = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    again = triton_gpu.lowrank_decide(hidden[:1], w2, b2, torch.tensor(0.3), always_active=4, notify=(flag, arrivals))
+    assert torch.equal(again, got) and int(flag[0]) == 1 and int(arrivals[0]) == 0
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "seq"), [(9, 3, 64, 2), (5, 1, 6, 3)])
 def test_rotary_qkv(heads, kv_heads, head_dim, seq):
     g = torch.Generator().manual_seed(heads)

@@ -77,6 +77,17 @@ def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torc
     normed rows. With x on CUDA, a delta or `copy_to` may be in pinned host memory: the kernel then reads or
     writes it across PCIe itself (zero-copy), which inside a CUDA graph costs less than a copy node (a hybrid
     step's CPU output comes in, and its FFN input goes out, this way)."""
+    _check_add_rms_norm(x, deltas, copy_to)
+    if _use_triton(x):
+        return _triton().add_rms_norm(x, deltas, weight, eps, copy_to)[:2]
+    if copy_to is None and _use_cpu_kernel(x, weight, *deltas):
+        for delta in deltas:
+            x = x + (delta if delta.shape == x.shape else delta.reshape(x.shape))
+        return x, F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return add_rms_norm_reference(x, deltas, weight, eps, copy_to)
+
+
+def _check_add_rms_norm(x, deltas, copy_to) -> None:
     if len(deltas) > 2:
         raise ValueError("add_rms_norm takes at most two deltas")
     for t in (*deltas, *(() if copy_to is None else (copy_to,))):
@@ -86,13 +97,29 @@ def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torc
             raise ValueError("with x on CUDA, host tensors must be in pinned memory")
     if copy_to is not None and (copy_to.dtype != torch.float32 or not copy_to.is_contiguous()):
         raise ValueError("copy_to must be a contiguous float32 tensor")
-    if _use_triton(x):
-        return _triton().add_rms_norm(x, deltas, weight, eps, copy_to)
-    if copy_to is None and _use_cpu_kernel(x, weight, *deltas):
-        for delta in deltas:
-            x = x + (delta if delta.shape == x.shape else delta.reshape(x.shape))
-        return x, F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return add_rms_norm_reference(x, deltas, weight, eps, copy_to)
+
+
+def add_rms_norm_relu_project_reference(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor,
+                                        eps: float, project: torch.Tensor, copy_to: torch.Tensor | None = None
+                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, normed = add_rms_norm_reference(x, deltas, weight, eps, copy_to)
+    return x, normed, torch.relu(F.linear(normed.reshape(-1, normed.shape[-1]), project)).float()
+
+
+def add_rms_norm_relu_project(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, eps: float,
+                              project: torch.Tensor, copy_to: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`add_rms_norm`, and relu(normed @ project.T) as float32 [rows, r] holding values of normed's dtype: the
+    hidden layer of the low-rank predictor that reads the normed rows (kernels.lowrank `lowrank_decide` finishes
+    it). On CUDA the norm's own kernel computes it from the rows it holds, a kernel less on a hybrid layer's
+    critical path (its predictor's first GEMV of ~3 us, H100)."""
+    _check_add_rms_norm(x, deltas, copy_to)
+    normed_dtype = torch.promote_types(x.dtype, weight.dtype)
+    if project.dim() != 2 or project.shape[1] != x.shape[-1] or project.dtype != normed_dtype:
+        raise ValueError(f"project must be [r, {x.shape[-1]}] of the normed rows' dtype {normed_dtype}")
+    if _use_triton(x) and project.device == x.device:
+        return _triton().add_rms_norm(x, deltas, weight, eps, copy_to, project)
+    return add_rms_norm_relu_project_reference(x, deltas, weight, eps, project, copy_to)
 
 
 def rotary_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int

@@ -7,13 +7,16 @@ and step: bound, 5 us for the tiny ReLU model's predictor on one thread of the 2
 reference's three torch calls and comparison take 9 and an unbound numba call 10 (most of it converting
 arguments); that is `bind_lowrank_mask` (numba for float32 CPU weights, else the reference). On CUDA, for a
 decode step's few tokens, two Triton kernels (`triton_gpu.lowrank_mask`) replace the reference's four or five
-(two cuBLAS products, ReLU, comparison): `lowrank_mask`, which the predictor's `predict` calls.
+(two cuBLAS products, ReLU, comparison): `lowrank_mask`, which the predictor's `predict` calls. Where the
+norm before the FFN has computed the hidden layer already (kernels.fused `add_rms_norm_relu_project`, a hybrid
+decode step), `lowrank_decide` finishes the mask from it in the second kernel alone.
 """
 
 import torch
 import torch.nn.functional as F
 
 from powerinfer.kernels.dense import GEMV_MAX_TOKENS
+from powerinfer.kernels.fused import notify_host
 from powerinfer.kernels.sparse_ffn import _triton, _triton_available
 
 try:
@@ -33,6 +36,16 @@ def lowrank_mask_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, 
     return _copy_tail(mask, tail)
 
 
+def lowrank_decide_reference(hidden: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                             threshold: float | torch.Tensor, always_active: int = 0,
+                             tail: torch.Tensor | None = None) -> torch.Tensor:
+    """`lowrank_mask_reference` from the hidden layer relu(x @ w1.T) [T, r] (float32 holding w2's dtype's values)."""
+    mask = F.linear(hidden.to(w2.dtype), w2, b2) > threshold
+    if always_active:
+        mask[:, :always_active] = True
+    return _copy_tail(mask, tail)
+
+
 def _copy_tail(mask: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
     """`mask`, after copying its last len(tail) entries (one token) into `tail`."""
     if tail is not None:
@@ -45,8 +58,15 @@ def _check_always_active(n: int, always_active: int) -> None:
         raise ValueError(f"always_active={always_active} outside [0, {n}]")
 
 
-def _check_epilogue(x: torch.Tensor, n: int, always_active: int, tail: torch.Tensor | None) -> None:
+def _check_epilogue(x: torch.Tensor, n: int, always_active: int, tail: torch.Tensor | None,
+                    notify: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     _check_always_active(n, always_active)
+    if notify is not None:
+        flag, arrivals = notify
+        if x.shape[0] != 1:
+            raise ValueError(f"the host is notified for one token, got {x.shape[0]}")
+        if arrivals.dtype != torch.int32 or arrivals.numel() != 1 or arrivals.device != x.device:
+            raise ValueError("notify's count must be a one-element int32 tensor on the input's device")
     if tail is None:
         return
     if x.shape[0] != 1:
@@ -67,24 +87,51 @@ def _use_triton(x: torch.Tensor) -> bool:
             and _triton_available())
 
 
+def _notified(mask: torch.Tensor, notify: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """`mask`, after queueing the host flag of `notify` behind it (kernels.fused `notify_host`)."""
+    if notify is not None:
+        notify_host(notify[0], mask.device)
+    return mask
+
+
 def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                  threshold: float | torch.Tensor, *, always_active: int = 0, tail: torch.Tensor | None = None,
-                 use_kernel: bool | None = None) -> torch.Tensor:
+                 notify: tuple[torch.Tensor, torch.Tensor] | None = None, use_kernel: bool | None = None
+                 ) -> torch.Tensor:
     """One unbound call: on CUDA, the Triton kernels for a few tokens of x [T, d] (threshold: a tensor on x's
     device); on the CPU the numba kernel for float32 operands only when `use_kernel` is True (tests; unbound it
     is no faster than the reference); else the reference.
 
     The first `always_active` columns are set whatever the predictor says (a layer's massive neurons). `tail`
     (one token): a buffer that also gets the mask's last len(tail) entries, the CPU rows' part of a hybrid
-    layer; on CUDA pinned host memory the decision kernel writes in place (a copy node less per layer)."""
-    _check_epilogue(x, w2.shape[0], always_active, tail)
+    layer; on CUDA pinned host memory the decision kernel writes in place (a copy node less per layer).
+    `notify` (one token; a pinned int32 host flag and a zeroed int32 count on x's device): the flag is set once
+    the mask and tail are written, on CUDA by the decision kernel's last program (a kernel less per hybrid layer
+    than kernels.fused `notify_host` after it, which is what the other paths queue)."""
+    _check_epilogue(x, w2.shape[0], always_active, tail, notify)
     if use_kernel is not False and isinstance(threshold, torch.Tensor) and _use_triton(x):
-        return _triton().lowrank_mask(x, w1, w2, b2, threshold, always_active=always_active, tail=tail)
+        return _triton().lowrank_mask(x, w1, w2, b2, threshold, always_active=always_active, tail=tail,
+                                      notify=notify)
     if use_kernel and _use_kernel(x, w1, w2, b2):
-        return _copy_tail(_cpu_kernels.LowRankMask(w1, w2, b2, float(threshold), always_active)(x.contiguous()), tail)
+        mask = _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold), always_active)(x.contiguous())
+        return _notified(_copy_tail(mask, tail), notify)
     if use_kernel:
         raise RuntimeError(f"no fast low-rank mask kernel for {x.device.type} {x.dtype} inputs")
-    return lowrank_mask_reference(x, w1, w2, b2, threshold, always_active, tail)
+    return _notified(lowrank_mask_reference(x, w1, w2, b2, threshold, always_active, tail), notify)
+
+
+def lowrank_decide(hidden: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, threshold: float | torch.Tensor, *,
+                   always_active: int = 0, tail: torch.Tensor | None = None,
+                   notify: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """`lowrank_mask` from its hidden layer [T, r] (float32, as `add_rms_norm_relu_project` returns it): on CUDA
+    the decision kernel alone for a few tokens (threshold a tensor on hidden's device), else the reference."""
+    if hidden.dim() != 2 or hidden.shape[1] != w2.shape[1] or hidden.dtype != torch.float32:
+        raise ValueError(f"hidden must be float32 [T, {w2.shape[1]}], got {hidden.dtype} {tuple(hidden.shape)}")
+    _check_epilogue(hidden, w2.shape[0], always_active, tail, notify)
+    if isinstance(threshold, torch.Tensor) and _use_triton(hidden):
+        return _triton().lowrank_decide(hidden, w2, b2, threshold, always_active=always_active, tail=tail,
+                                        notify=notify)
+    return _notified(lowrank_decide_reference(hidden, w2, b2, threshold, always_active, tail), notify)
 
 
 class _ReferenceLowRankMask:
@@ -110,4 +157,5 @@ def bind_lowrank_mask(w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, thre
     return _ReferenceLowRankMask(w1, w2, b2, threshold, always_active)
 
 
-__all__ = ["lowrank_mask", "lowrank_mask_reference", "bind_lowrank_mask"]
+__all__ = ["lowrank_mask", "lowrank_mask_reference", "lowrank_decide", "lowrank_decide_reference",
+           "bind_lowrank_mask"]

@@ -1,16 +1,15 @@
-"""Triton kernels for ``fused.py``: residual add + RMSNorm, the rotary embedding of q and k, a decode token's
-attention (flash-decoding: Dao et al. 2023, "Flash-Decoding for long-context inference"), and a stream's wait
-for a flag the host sets.
+"""Triton kernels for ``fused.py``: residual add + RMSNorm (optionally with a low-rank predictor's first layer),
+the rotary embedding of q and k, a decode token's attention (flash-decoding: Dao et al. 2023, "Flash-Decoding for
+long-context inference"), and a stream's wait for a flag the host sets.
 
 Pinned host tensors (a delta, the norm's float32 copy, the flag) are read and written in place through their
 device-mapped addresses; host deltas are read with volatile loads, past any cached copy, since the host may
 have written them after the kernel was queued (``wait_for_host_flag``). One program per row (token) for the
-norm, one per (token, head) for the rotation, one per (KV head, chunk of slots) and then one per query head for
-the attention; every launch shape depends on the tensor shapes alone, so all run inside the CUDA graphs of a
-decode step. Arithmetic is
-float32 and rounds where the references round: the sum to x's dtype before it is normed, the normed row to
-x's dtype before the weight multiplies it.
-"""
+norm (with a projection, up to 64 per row, each norming the row and taking its share of the projection's
+outputs), one per (token, head) for the rotation, one per (KV head, chunk of slots) and then one per query head
+for the attention; every launch shape depends on the tensor shapes alone, so all run inside the CUDA graphs of a
+decode step. Arithmetic is float32 and rounds where the references round: the sum to x's dtype before it is
+normed, the normed row to x's dtype before the weight multiplies it."""
 
 import torch
 import triton
@@ -18,12 +17,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, delta1_ptr, delta2_ptr, weight_ptr, sum_ptr, normed_ptr, copy_ptr, width, eps,
-                         N_DELTAS: tl.constexpr, COPY: tl.constexpr, BLOCK: tl.constexpr,
-                         VOLATILE1: tl.constexpr, VOLATILE2: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, delta1_ptr, delta2_ptr, weight_ptr, sum_ptr, normed_ptr, copy_ptr, project_ptr,
+                         hidden_ptr, width, rank, eps, N_DELTAS: tl.constexpr, COPY: tl.constexpr,
+                         PROJECT: tl.constexpr, BLOCK: tl.constexpr, VOLATILE1: tl.constexpr,
+                         VOLATILE2: tl.constexpr):
+    # grid (rows, programs per row): every program of a row norms it (a few KB from L2), the first one stores
+    # it, and with PROJECT each takes its share of relu(normed . project[j]) over j < rank
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < width
+    first = cols + tl.program_id(1) * BLOCK < width  # `inside` in the row's first program, else none
     offsets = row * width + cols
     x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     if N_DELTAS > 0:
@@ -33,33 +36,48 @@ def _add_rms_norm_kernel(x_ptr, delta1_ptr, delta2_ptr, weight_ptr, sum_ptr, nor
             more = tl.load(delta2_ptr + offsets, mask=inside, other=0.0, volatile=VOLATILE2).to(x_ptr.dtype.element_ty)
             delta = (delta + more.to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
         x = (x + delta).to(x_ptr.dtype.element_ty)
-        tl.store(sum_ptr + offsets, x, mask=inside)
+        tl.store(sum_ptr + offsets, x, mask=first)
         x = x.to(tl.float32)
     inverse_rms = tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)
     normed = (x * inverse_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     normed = (weight * normed).to(normed_ptr.dtype.element_ty)
-    tl.store(normed_ptr + offsets, normed, mask=inside)
+    tl.store(normed_ptr + offsets, normed, mask=first)
     if COPY:
-        tl.store(copy_ptr + offsets, normed.to(tl.float32), mask=inside)
+        tl.store(copy_ptr + offsets, normed.to(tl.float32), mask=first)
+    if PROJECT:  # rounded to normed's dtype, as the reference's 16-bit product is
+        for j in range(tl.program_id(1), rank, tl.num_programs(1)):
+            w = tl.load(project_ptr + j * width + cols, mask=inside, other=0.0).to(tl.float32)
+            dot = tl.sum(normed.to(tl.float32) * w, axis=0).to(normed_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(hidden_ptr + row * rank + j, tl.maximum(dot, 0.0))
+
+
+# programs per row that share the projection of `add_rms_norm(..., project=)`: one per output up to this many
+_PROJECT_PROGRAMS = 64
 
 
 def add_rms_norm(x: torch.Tensor, deltas: tuple[torch.Tensor, ...], weight: torch.Tensor, eps: float,
-                 copy_to: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 copy_to: torch.Tensor | None = None, project: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x + deltas, its norm, relu(normed @ project.T) as float32 [rows, r] or None without `project`)."""
     width = x.shape[-1]
     x = x.contiguous()
     deltas = tuple(d.contiguous() for d in deltas)
     total = torch.empty_like(x) if deltas else x
     normed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rows = x.numel() // width
+    rank = 0 if project is None else project.shape[0]
+    hidden = None if project is None else torch.empty((rows, rank), dtype=torch.float32, device=x.device)
     if rows:
         block = triton.next_power_of_2(width)
-        _add_rms_norm_kernel[(rows,)](
+        _add_rms_norm_kernel[(rows, max(1, min(rank, _PROJECT_PROGRAMS)))](
             x, deltas[0] if deltas else x, deltas[1] if len(deltas) > 1 else x, weight, total, normed,
-            normed if copy_to is None else copy_to, width, eps,
-            N_DELTAS=len(deltas), COPY=copy_to is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            normed if copy_to is None else copy_to, x if project is None else project.contiguous(),
+            normed if hidden is None else hidden, width, rank, eps,
+            N_DELTAS=len(deltas), COPY=copy_to is not None, PROJECT=project is not None, BLOCK=block,
+            num_warps=min(16, max(1, block // 256)),
             VOLATILE1=bool(deltas) and not deltas[0].is_cuda, VOLATILE2=len(deltas) > 1 and not deltas[1].is_cuda)
-    return total, normed
+    return total, normed, hidden
 
 
 @triton.jit

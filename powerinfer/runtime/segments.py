@@ -7,8 +7,9 @@ So the step is captured in CUDA graphs whose kernels wait for the CPU's parts th
 Per layer:
 - graph A: the previous layer's FFN outputs added and this layer's first norm (one kernel, reading the CPU
   part from its pinned buffer in place), attention, the residual add and the post-attention norm (one
-  kernel, which also writes the FFN input into a pinned buffer for the CPU) and the predictor (whose decision
-  kernel also writes the cold rows' slice of the mask into pinned memory);
+  kernel, which also writes the FFN input into a pinned buffer for the CPU and computes a low-rank predictor's
+  hidden layer) and the predictor's decision (whose kernel also writes the cold rows' slice of the mask into
+  pinned memory);
 - graph B: the hot FFN, then a read of the first `l2_prefetch_bytes` of the next layer's q/k/v weight into
   the GPU's L2 cache: the GPU would otherwise idle until the CPU's part is in, and the next graph A then reads
   that much of its largest matrix from L2.
@@ -42,7 +43,8 @@ import contextlib
 
 import torch
 
-from powerinfer.kernels.fused import FLAG_STRIDE, l2_prefetch, notify_host, wait_for_host_flag
+from powerinfer.kernels.fused import (FLAG_STRIDE, add_rms_norm_relu_project, l2_prefetch, notify_host,
+                                      wait_for_host_flag)
 from powerinfer.kernels.sparse_ffn import _triton_available
 from powerinfer.models.llama import additive_mask
 from powerinfer.runtime.executor import HybridTransformer, _cpu_time
@@ -80,6 +82,12 @@ class DecodeSegments:
     # 0 / 16 / 32 MB alternated in one process: median 12.59 / 12.62 / 12.19 ms per token, 32 MB faster than
     # none in 5 of 6 rounds; 7B within noise (hybrid_l2_prefetch_ab_h100.json)
     l2_prefetch_bytes = 32 << 20
+    # the post-attention norm's kernel also computes the low-rank predictor's hidden layer (a kernel less per layer
+    # between the attention and the CPU's start; read when capturing)
+    fuse_predictor_hidden = True
+    # the predictor's decision kernel raises the whole-step graph's host flag itself (kernels.lowrank: its last
+    # program, after every program's stores), not a kernel of its own after it
+    fuse_notify = True
 
     def __init__(self, model: HybridTransformer, cache):
         self.model, self.cache = model, cache
@@ -133,10 +141,9 @@ class DecodeSegments:
         blocks = self.model.attention_layers[:self.n_gpu_layers]
         with torch.cuda.graph(step_graph, pool=self._pool) if whole else contextlib.nullcontext():
             for i, (block, ffn) in enumerate(zip(blocks, self.model.ffns[:self.n_gpu_layers])):
+                notify = self._gpu_ready[i, :1] if whole and ffn.cold is not None else None
                 graph_a, (x, flat, active, host_in) = self._part(whole, self._attention_part, block, ffn, x,
-                                                                 pending)
-                if whole and host_in is not None:
-                    notify_host(self._gpu_ready[i, :1], plan.hot_device)
+                                                                 pending, notify)
                 following = blocks[i + 1].self_attn.qkv_proj.weight if i + 1 < len(blocks) else None
                 prefetch = following if ffn.cold is not None and self.l2_prefetch_bytes else None
                 graph_b, y_hot = None, None
@@ -175,7 +182,8 @@ class DecodeSegments:
             wait_for_host_flag(ready, self.model.plan.hot_device)
         return tuple(y for y in (y_hot, staged) if y is not None)  # staged: read in place by the kernel
 
-    def _attention_part(self, block, ffn, x, pending):
+    def _attention_part(self, block, ffn, x, pending, notify=None):
+        """`notify`: a host flag raised once the CPU part's inputs are in (whole-step graph)."""
         if self._rope is None:  # the first graph computes the rotary tables and mask for all layers
             hot = self.model.plan.hot_device
             angles = self.position.float()[:, None] * self.model.inv_freq[hot][None, :]
@@ -185,12 +193,24 @@ class DecodeSegments:
         # the previous layer's residual add fused with this layer's first norm
         x, normed = block.input_layernorm.add_then_norm(x, *self._outputs(pending))
         attention = block.self_attn(normed, cos, sin, self.position, self.cache, mask)
-        # the norm's kernel also writes the CPU part's input straight into its pinned buffer
+        # the norm's kernel also writes the CPU part's input straight into its pinned buffer, and computes the
+        # low-rank predictor's hidden layer (`fuse_predictor_hidden`)
         x_host = ffn.pinned_input((x.numel() // x.shape[-1], x.shape[-1])) if ffn.cold is not None else None
-        x, normed = block.post_attention_layernorm.add_then_norm(x, attention, copy_to=x_host)
+        norm = block.post_attention_layernorm
+        project = ffn.predictor_projection(x.device, torch.promote_types(x.dtype, norm.weight.dtype)) \
+            if self.fuse_predictor_hidden else None
+        if project is None:
+            (x, normed), hidden = norm.add_then_norm(x, attention, copy_to=x_host), None
+        else:
+            x, normed, hidden = add_rms_norm_relu_project(x, (attention,), norm.weight, norm.eps, project, x_host)
         flat = normed.reshape(-1, x.shape[-1])
-        active = ffn.predict(flat, to_host=ffn.cold is not None) if ffn.predictor is not None and ffn.n_hot else None
+        active = None
+        if ffn.predictor is not None and ffn.n_hot:  # the predictor's decision kernel may raise the flag itself
+            active = ffn.predict(flat, to_host=ffn.cold is not None, hidden=hidden,
+                                 notify=notify if self.fuse_notify else None)
         host_in = ffn.copy_to_host(flat, active, x_written=True) if ffn.cold is not None else None
+        if notify is not None and (active is None or not self.fuse_notify):
+            notify_host(notify, self.model.plan.hot_device)
         return x, flat, active, host_in
 
     def _hot_part(self, ffn, flat, active, prefetch):
