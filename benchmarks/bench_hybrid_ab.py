@@ -85,9 +85,9 @@ def main():
     gen.generate(prompt, max_tokens=4, sampling=SamplingParams(temperature=0), ignore_eos=True)  # warms up
     if gen._segments is None or gen._segments._whole is None:
         raise SystemExit("error: this host runs no whole-step graph (no numba OpenMP team?): nothing to compare")
-    segments = {name: capture(gen, overrides) for name, overrides in variants}
-    times, tokens = {name: [] for name in segments}, {}
-    with torch.inference_mode():
+    times, tokens = {name: [] for name, _ in variants}, {}
+    with torch.inference_mode():  # as the Generator captures its own (the kernels run outside autograd)
+        segments = {name: capture(gen, overrides) for name, overrides in variants}
         for r in range(args.rounds):
             order = list(segments)[r % len(segments):] + list(segments)[:r % len(segments)]
             for name in order:
