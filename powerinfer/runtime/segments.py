@@ -86,8 +86,9 @@ class DecodeSegments:
     # between the attention and the CPU's start; read when capturing)
     fuse_predictor_hidden = True
     # the predictor's decision kernel raises the whole-step graph's host flag itself (kernels.lowrank: its last
-    # program, after every program's stores), not a kernel of its own after it
-    fuse_notify = True
+    # program, after every program's stores), not a kernel of its own after it: slower (H200 host, 7B: 4.46 against
+    # 4.22 ms per token, hybrid_fused_predictor_ab_h200.json), so off
+    fuse_notify = False
 
     def __init__(self, model: HybridTransformer, cache):
         self.model, self.cache = model, cache
