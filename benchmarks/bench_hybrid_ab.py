@@ -8,7 +8,7 @@ greedy tokens agree with the first one's (random synthetic weights: they may par
 logit; the golden and CUDA tests check the kernels).
 
     python benchmarks/bench_hybrid_ab.py --shape llama2-7b --vram-budget 8 \\
-        --variant base:fuse_predictor_hidden=0,fuse_notify=0 --variant fused: --json out.json
+        --variant base:fuse_predictor_hidden=0 --variant fused: --json out.json
 """
 
 import powerinfer  # noqa: F401  (before torch: sets the OpenMP wait policy)

@@ -366,8 +366,8 @@ def _lowrank_predictors(loaded):
 @pytest.mark.cuda
 def test_whole_step_graph_computes_the_lowrank_predictors_hidden_layer_in_the_norm(relu_model, monkeypatch):
     """With low-rank predictors on the GPU the post-attention norm's kernel also computes each predictor's hidden
-    layer (DecodeSegments.fuse_predictor_hidden) and the decision kernel raises the host flag itself
-    (fuse_notify): the same logits and neuron shares as without either, and as the eager step."""
+    layer (DecodeSegments.fuse_predictor_hidden): the same logits and neuron shares as without it, and as the
+    eager step."""
     from powerinfer.runtime.segments import DecodeSegments
 
     ids = torch.randint(0, 256, (20,)).tolist()
@@ -381,7 +381,6 @@ def test_whole_step_graph_computes_the_lowrank_predictors_hidden_layer_in_the_no
         return run
     (eager, eager_shares), (fused, fused_shares) = _eager_and_segments(make_run, ids)
     monkeypatch.setattr(DecodeSegments, "fuse_predictor_hidden", False)
-    monkeypatch.setattr(DecodeSegments, "fuse_notify", False)
     _, (unfused, unfused_shares) = _eager_and_segments(make_run, ids)
     torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from powerinfer.kernels.dense import GEMV_MAX_TOKENS
-from powerinfer.kernels.fused import notify_host
 from powerinfer.kernels.sparse_ffn import _triton, _triton_available
 
 try:
@@ -58,15 +57,8 @@ def _check_always_active(n: int, always_active: int) -> None:
         raise ValueError(f"always_active={always_active} outside [0, {n}]")
 
 
-def _check_epilogue(x: torch.Tensor, n: int, always_active: int, tail: torch.Tensor | None,
-                    notify: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+def _check_epilogue(x: torch.Tensor, n: int, always_active: int, tail: torch.Tensor | None) -> None:
     _check_always_active(n, always_active)
-    if notify is not None:
-        flag, arrivals = notify
-        if x.shape[0] != 1:
-            raise ValueError(f"the host is notified for one token, got {x.shape[0]}")
-        if arrivals.dtype != torch.int32 or arrivals.numel() != 1 or arrivals.device != x.device:
-            raise ValueError("notify's count must be a one-element int32 tensor on the input's device")
     if tail is None:
         return
     if x.shape[0] != 1:
@@ -87,51 +79,37 @@ def _use_triton(x: torch.Tensor) -> bool:
             and _triton_available())
 
 
-def _notified(mask: torch.Tensor, notify: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """`mask`, after queueing the host flag of `notify` behind it (kernels.fused `notify_host`)."""
-    if notify is not None:
-        notify_host(notify[0], mask.device)
-    return mask
-
-
 def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                  threshold: float | torch.Tensor, *, always_active: int = 0, tail: torch.Tensor | None = None,
-                 notify: tuple[torch.Tensor, torch.Tensor] | None = None, use_kernel: bool | None = None
-                 ) -> torch.Tensor:
+                 use_kernel: bool | None = None) -> torch.Tensor:
     """One unbound call: on CUDA, the Triton kernels for a few tokens of x [T, d] (threshold: a tensor on x's
     device); on the CPU the numba kernel for float32 operands only when `use_kernel` is True (tests; unbound it
     is no faster than the reference); else the reference.
 
     The first `always_active` columns are set whatever the predictor says (a layer's massive neurons). `tail`
     (one token): a buffer that also gets the mask's last len(tail) entries, the CPU rows' part of a hybrid
-    layer; on CUDA pinned host memory the decision kernel writes in place (a copy node less per layer).
-    `notify` (one token; a pinned int32 host flag and a zeroed int32 count on x's device): the flag is set once
-    the mask and tail are written, on CUDA by the decision kernel's last program (a kernel less per hybrid layer
-    than kernels.fused `notify_host` after it, which is what the other paths queue)."""
-    _check_epilogue(x, w2.shape[0], always_active, tail, notify)
+    layer; on CUDA pinned host memory the decision kernel writes in place (a copy node less per layer)."""
+    _check_epilogue(x, w2.shape[0], always_active, tail)
     if use_kernel is not False and isinstance(threshold, torch.Tensor) and _use_triton(x):
-        return _triton().lowrank_mask(x, w1, w2, b2, threshold, always_active=always_active, tail=tail,
-                                      notify=notify)
+        return _triton().lowrank_mask(x, w1, w2, b2, threshold, always_active=always_active, tail=tail)
     if use_kernel and _use_kernel(x, w1, w2, b2):
         mask = _cpu_kernels.LowRankMask(w1, w2, b2, float(threshold), always_active)(x.contiguous())
-        return _notified(_copy_tail(mask, tail), notify)
+        return _copy_tail(mask, tail)
     if use_kernel:
         raise RuntimeError(f"no fast low-rank mask kernel for {x.device.type} {x.dtype} inputs")
-    return _notified(lowrank_mask_reference(x, w1, w2, b2, threshold, always_active, tail), notify)
+    return lowrank_mask_reference(x, w1, w2, b2, threshold, always_active, tail)
 
 
 def lowrank_decide(hidden: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, threshold: float | torch.Tensor, *,
-                   always_active: int = 0, tail: torch.Tensor | None = None,
-                   notify: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   always_active: int = 0, tail: torch.Tensor | None = None) -> torch.Tensor:
     """`lowrank_mask` from its hidden layer [T, r] (float32, as `add_rms_norm_relu_project` returns it): on CUDA
     the decision kernel alone for a few tokens (threshold a tensor on hidden's device), else the reference."""
     if hidden.dim() != 2 or hidden.shape[1] != w2.shape[1] or hidden.dtype != torch.float32:
         raise ValueError(f"hidden must be float32 [T, {w2.shape[1]}], got {hidden.dtype} {tuple(hidden.shape)}")
-    _check_epilogue(hidden, w2.shape[0], always_active, tail, notify)
+    _check_epilogue(hidden, w2.shape[0], always_active, tail)
     if isinstance(threshold, torch.Tensor) and _use_triton(hidden):
-        return _triton().lowrank_decide(hidden, w2, b2, threshold, always_active=always_active, tail=tail,
-                                        notify=notify)
-    return _notified(lowrank_decide_reference(hidden, w2, b2, threshold, always_active, tail), notify)
+        return _triton().lowrank_decide(hidden, w2, b2, threshold, always_active=always_active, tail=tail)
+    return lowrank_decide_reference(hidden, w2, b2, threshold, always_active, tail)
 
 
 class _ReferenceLowRankMask:

@@ -286,12 +286,11 @@ def _lowrank_hidden_kernel(x_ptr, w1_ptr, hidden_ptr, d, rank, BLOCK_D: tl.const
 
 
 @triton.jit
-def _lowrank_decide_kernel(hidden_ptr, w2_ptr, b2_ptr, threshold_ptr, mask_ptr, tail_ptr, arrivals_ptr, flag_ptr, n,
-                           rank, n_always, tail_from, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                           TAIL: tl.constexpr, NOTIFY: tl.constexpr):
+def _lowrank_decide_kernel(hidden_ptr, w2_ptr, b2_ptr, threshold_ptr, mask_ptr, tail_ptr, n, rank, n_always,
+                           tail_from, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TAIL: tl.constexpr):
     """mask[t, i] = w2[i] . hidden[t] + b2[i] > threshold (the logit rounded to w2's dtype first) or i <
     n_always; with TAIL (one token), also tail[i - tail_from] for i >= tail_from (pinned host memory: written
-    across PCIe in place, no copy node); with NOTIFY, the last program to finish sets the host flag."""
+    across PCIe in place, no copy node)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     token = tl.program_id(1)
     ranks = tl.arange(0, BLOCK_R)
@@ -305,15 +304,6 @@ def _lowrank_decide_kernel(hidden_ptr, w2_ptr, b2_ptr, threshold_ptr, mask_ptr, 
     tl.store(mask_ptr + token * n + rows, active, mask=row_ok)
     if TAIL:
         tl.store(tail_ptr + (rows - tail_from), active, mask=row_ok & (rows >= tail_from))
-    if NOTIFY:
-        # after the barrier one thread per program arrives (acquire-release at system scope, so the program's
-        # stores come before its arrival); the last to arrive re-arms the count and releases the flag, which a
-        # host that sees it then sees every program's stores after
-        tl.debug_barrier()
-        arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="sys")
-        if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:
-            tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(flag_ptr, 1, sem="release", scope="sys")
 
 
 _LOWRANK_BLOCK_D = 1024
@@ -321,8 +311,8 @@ _LOWRANK_BLOCK_N = 128
 
 
 def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, threshold: torch.Tensor,
-                 out: torch.Tensor | None = None, always_active: int = 0, tail: torch.Tensor | None = None,
-                 notify: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, always_active: int = 0, tail: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """bool [T, n]: relu(x @ w1.T) @ w2.T + b2 > threshold (a device tensor: no synchronisation) or column <
     `always_active`, in two kernels: the rank-r hidden vector, then `lowrank_decide`."""
     x, w1 = _row_major(x), _row_major(w1)
@@ -332,27 +322,23 @@ def lowrank_mask(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.
     if n_tokens:
         _lowrank_hidden_kernel[(rank, n_tokens)](x, w1, hidden, d, rank,
                                                  BLOCK_D=min(_LOWRANK_BLOCK_D, triton.next_power_of_2(d)), num_warps=4)
-    return lowrank_decide(hidden, w2, b2, threshold, out, always_active, tail, notify)
+    return lowrank_decide(hidden, w2, b2, threshold, out, always_active, tail)
 
 
 def lowrank_decide(hidden: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, threshold: torch.Tensor,
-                   out: torch.Tensor | None = None, always_active: int = 0, tail: torch.Tensor | None = None,
-                   notify: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, always_active: int = 0, tail: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """bool [T, n]: hidden @ w2.T + b2 > threshold or column < `always_active`, from the float32 hidden vectors
-    [T, r]; also writes the mask's last len(tail) entries into `tail` (one token). `notify` (a pinned int32 flag,
-    a zeroed int32 device count): the kernel sets the flag once all its stores are visible to the host (and
-    leaves the count zeroed), as kernels.fused `notify_host` queued after it would."""
+    [T, r]; also writes the mask's last len(tail) entries into `tail` (one token)."""
     hidden, w2 = _row_major(hidden), _row_major(w2)
     n_tokens, rank = hidden.shape
     n = w2.shape[0]
     mask = torch.empty((n_tokens, n), dtype=torch.bool, device=hidden.device) if out is None else out
     if n_tokens:
-        flag, arrivals = (mask, mask) if notify is None else notify
         _lowrank_decide_kernel[(triton.cdiv(n, _LOWRANK_BLOCK_N), n_tokens)](
-            hidden, w2, b2, threshold, mask, mask if tail is None else tail, arrivals, flag, n, rank, always_active,
+            hidden, w2, b2, threshold, mask, mask if tail is None else tail, n, rank, always_active,
             n - (0 if tail is None else tail.numel()), BLOCK_N=_LOWRANK_BLOCK_N,
-            BLOCK_R=max(16, triton.next_power_of_2(rank)), TAIL=tail is not None, NOTIFY=notify is not None,
-            num_warps=4)
+            BLOCK_R=max(16, triton.next_power_of_2(rank)), TAIL=tail is not None, num_warps=4)
     return mask
 
 

@@ -44,17 +44,15 @@ class ActivationPredictor(nn.Module):
         return F.linear(torch.relu(F.linear(x, self.fc1.weight)), self.fc2.weight, self.fc2.bias)
 
     def predict(self, x: torch.Tensor, always_active: int = 0, tail: torch.Tensor | None = None,
-                hidden: torch.Tensor | None = None, notify: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> torch.Tensor:
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean mask [..., n_ff] of neurons predicted active, the first `always_active` always; `tail` (one
         token) also gets the mask's last len(tail) entries (kernels.lowrank: two kernels on CUDA). `hidden`: x's
-        relu(fc1) layer as float32 [T, rank], computed already (kernels.fused `add_rms_norm_relu_project`);
-        `notify`: a host flag set once the mask is written (kernels.lowrank `lowrank_mask`)."""
+        relu(fc1) layer as float32 [T, rank], computed already (kernels.fused `add_rms_norm_relu_project`)."""
         if hidden is not None:
             return lowrank_decide(hidden, self.fc2.weight, self.fc2.bias, self.threshold,
-                                  always_active=always_active, tail=tail, notify=notify)
+                                  always_active=always_active, tail=tail)
         return lowrank_mask(x, self.fc1.weight, self.fc2.weight, self.fc2.bias, self.threshold,
-                            always_active=always_active, tail=tail, notify=notify)
+                            always_active=always_active, tail=tail)
 
     def bind(self, x: torch.Tensor, mask: torch.Tensor, always_active: int = 0):
         """A call without arguments that writes `predict(x, always_active)` of what x [T, d] holds then into mask

@@ -28,7 +28,6 @@ from torch import nn
 
 from powerinfer import kernels
 from powerinfer.kernels.dense import GEMV_MAX_TOKENS
-from powerinfer.kernels.fused import notify_host
 from powerinfer.models.llama import Linear, additive_mask, ffn_activation
 from powerinfer.models.predictor import ActivationPredictor
 from powerinfer.runtime.host_memory import huge_page_copy
@@ -154,12 +153,11 @@ class SplitFFN(nn.Module):
             self._predictor_dtype = plan.device_dtype(device)
             self.predictor = predictor.to(device, self._predictor_dtype)
         self._cpu_decode = self._bind_cpu_decode() if self.hot is None and self._cold_ffn is not None else None
-        self._hot_idx = self._hot_count = self._arrivals = None
+        self._hot_idx = self._hot_count = None
         if layer.strategy != "dense" and self.n_hot and plan.hot_device.type == "cuda":
             # static index/count buffers: the hot path has fixed shapes and can be captured in a CUDA graph
             self._hot_idx = torch.zeros(self.n_hot, dtype=torch.int32, device=plan.hot_device)
             self._hot_count = torch.zeros(1, dtype=torch.int32, device=plan.hot_device)
-            self._arrivals = torch.zeros(1, dtype=torch.int32, device=plan.hot_device)  # predict(..., notify=)
         self._pinned: dict[str, torch.Tensor] = {}
 
     @staticmethod
@@ -252,31 +250,22 @@ class SplitFFN(nn.Module):
         return y.to(device=x.device, dtype=x.dtype).reshape(shape)
 
     # -- the phases of one layer, shared by `forward` and the CUDA-graph segments (runtime.segments) ---------
-    def predict(self, flat: torch.Tensor, to_host: bool = False, hidden: torch.Tensor | None = None,
-                notify: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(self, flat: torch.Tensor, to_host: bool = False, hidden: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """[n_ff] bool on the predictor's device: the union of the tokens' predicted active sets. `to_host` (hot
         device on CUDA): the cold rows' slice also goes to the pinned buffer `copy_to_host` hands the CPU part,
         for one token written there by the low-rank predictor's own kernel (no fill and copy nodes). `hidden`:
-        the low-rank predictor's hidden layer, computed by the norm before (with `predictor_projection`).
-        `notify`: a pinned int32 flag set once the mask and its pinned slice are written (kernels.fused
-        `notify_host`; for one token and a low-rank predictor on CUDA, by its decision kernel itself)."""
+        the low-rank predictor's hidden layer, computed by the norm before (with `predictor_projection`)."""
         device, n_always = self.hot_device if self.n_hot else CPU, self.layer.n_always_active
         x = flat.to(device, self._predictor_dtype)
         if to_host and x.shape[0] == 1 and isinstance(self.predictor, ActivationPredictor):
-            signal = None if notify is None or self._arrivals is None else (notify, self._arrivals)
-            mask = self.predictor.predict(x, always_active=n_always, tail=self._pinned_mask(), hidden=hidden,
-                                          notify=signal)[0]
-            if notify is not None and signal is None:
-                notify_host(notify, device)
-            return mask
+            return self.predictor.predict(x, always_active=n_always, tail=self._pinned_mask(), hidden=hidden)[0]
         mask = self.predictor.predict(x) if hidden is None else self.predictor.predict(x, hidden=hidden)
         mask = mask.any(dim=0) if mask.shape[0] > 1 else mask[0]
         if n_always:
             mask[:n_always] = True
         if to_host:
             self._pinned_mask().copy_(mask[self.n_hot:], non_blocking=True)
-        if notify is not None:
-            notify_host(notify, device)
         return mask
 
     def predictor_projection(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:

@@ -85,10 +85,6 @@ class DecodeSegments:
     # the post-attention norm's kernel also computes the low-rank predictor's hidden layer (a kernel less per layer
     # between the attention and the CPU's start; read when capturing)
     fuse_predictor_hidden = True
-    # the predictor's decision kernel raises the whole-step graph's host flag itself (kernels.lowrank: its last
-    # program, after every program's stores), not a kernel of its own after it: slower (H200 host, 7B: 4.46 against
-    # 4.22 ms per token, hybrid_fused_predictor_ab_h200.json), so off
-    fuse_notify = False
 
     def __init__(self, model: HybridTransformer, cache):
         self.model, self.cache = model, cache
@@ -142,9 +138,10 @@ class DecodeSegments:
         blocks = self.model.attention_layers[:self.n_gpu_layers]
         with torch.cuda.graph(step_graph, pool=self._pool) if whole else contextlib.nullcontext():
             for i, (block, ffn) in enumerate(zip(blocks, self.model.ffns[:self.n_gpu_layers])):
-                notify = self._gpu_ready[i, :1] if whole and ffn.cold is not None else None
                 graph_a, (x, flat, active, host_in) = self._part(whole, self._attention_part, block, ffn, x,
-                                                                 pending, notify)
+                                                                 pending)
+                if whole and host_in is not None:
+                    notify_host(self._gpu_ready[i, :1], plan.hot_device)
                 following = blocks[i + 1].self_attn.qkv_proj.weight if i + 1 < len(blocks) else None
                 prefetch = following if ffn.cold is not None and self.l2_prefetch_bytes else None
                 graph_b, y_hot = None, None
@@ -183,8 +180,7 @@ class DecodeSegments:
             wait_for_host_flag(ready, self.model.plan.hot_device)
         return tuple(y for y in (y_hot, staged) if y is not None)  # staged: read in place by the kernel
 
-    def _attention_part(self, block, ffn, x, pending, notify=None):
-        """`notify`: a host flag raised once the CPU part's inputs are in (whole-step graph)."""
+    def _attention_part(self, block, ffn, x, pending):
         if self._rope is None:  # the first graph computes the rotary tables and mask for all layers
             hot = self.model.plan.hot_device
             angles = self.position.float()[:, None] * self.model.inv_freq[hot][None, :]
@@ -206,12 +202,9 @@ class DecodeSegments:
             x, normed, hidden = add_rms_norm_relu_project(x, (attention,), norm.weight, norm.eps, project, x_host)
         flat = normed.reshape(-1, x.shape[-1])
         active = None
-        if ffn.predictor is not None and ffn.n_hot:  # the predictor's decision kernel may raise the flag itself
-            active = ffn.predict(flat, to_host=ffn.cold is not None, hidden=hidden,
-                                 notify=notify if self.fuse_notify else None)
+        if ffn.predictor is not None and ffn.n_hot:
+            active = ffn.predict(flat, to_host=ffn.cold is not None, hidden=hidden)
         host_in = ffn.copy_to_host(flat, active, x_written=True) if ffn.cold is not None else None
-        if notify is not None and (active is None or not self.fuse_notify):
-            notify_host(notify, self.model.plan.hot_device)
         return x, flat, active, host_in
 
     def _hot_part(self, ffn, flat, active, prefetch):
