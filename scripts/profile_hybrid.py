@@ -74,6 +74,9 @@ def main():
     p.add_argument("--compare", default="",
                    help="also time these MODE:CPU_DTYPE executors of the same artifact, e.g. "
                         "hybrid:float32,offload:bfloat16,offload:float32")
+    p.add_argument("--whole-step-trace", action="store_true",
+                   help="after the plain decode, trace a few whole-step graphs' kernels (where a step's time goes "
+                        "between the GPU's parts and the CPU's, whole_step_timeline) and stop")
     p.add_argument("--json")
     args = p.parse_args()
     set_threads(args.threads)
@@ -93,6 +96,10 @@ def main():
     with torch.inference_mode():
         report["decode_ms"] = round(1e3 * decode(gen, prompt, args.steps), 3)
         report["decode_uses_graph_segments"] = gen.use_segments
+        if args.whole_step_trace and gen._segments is not None and gen._segments._whole is not None:
+            report["whole_step_timeline_us"] = whole_step_timeline(gen, prompt, 8)
+            print("whole-step timeline (us)", json.dumps(report["whole_step_timeline_us"]), flush=True)
+            return _write(report, args.json)
         if gen._segments is not None:
             # the step as one graph with every cold FFN in one parallel region (default where it can run); what
             # follows wraps and times the per-layer graphs and bound cold calls, so it turns that off
@@ -286,6 +293,59 @@ def cold_study(gen, prompt, steps) -> dict:
                               "marginal_GBps": round(neuron_bytes / float(per_row) / 1e9, 1),
                               "residual_us_p50_p90_p99": [round(1e6 * float(q), 1)
                                                           for q in np.percentile(residual, [50, 90, 99])]}
+    return out
+
+
+def whole_step_timeline(gen, prompt, steps: int) -> dict:
+    """Where a whole-step graph's time goes, from a trace of its kernels. Per step (the graph's kernels: a run
+    without host gaps over 20 us), means over steps in us: `span`, first kernel to last; `attention_parts`, per
+    layer from the GPU seeing the previous layer's CPU part (the end of the wait kernel; the step's start for
+    the first layer) to the end of the kernel that raises this layer's host flag, which the CPU waits for;
+    `cpu_turnarounds`, from that flag to the end of the next wait (the CPU's cold FFN and both handoffs), while
+    the GPU runs `gpu_during_cpu` (hot FFN, L2 prefetch); `tail`, the rest (the last layer, final norm, LM
+    head); `between_steps`, the host's gap to the next step's graph. Also the attention parts' kernel time
+    by kernel per layer, and the turnarounds' percentiles over layers."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode(gen, prompt, steps)
+    kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                      if e.device_type == DeviceType.CUDA))
+    runs, run = [], [kernels[0]]
+    for k in kernels[1:]:
+        if k[0] - max(e for _, e, _ in run) > 20:
+            runs.append(run)
+            run = []
+        run.append(k)
+    runs.append(run)
+    graphs = [r for r in runs if sum("notify_host" in n for _, _, n in r) > 1]
+    totals, by_kernel, turnarounds = defaultdict(float), defaultdict(float), []
+    for run, following in zip(graphs, graphs[1:]):  # the last graph has no next step to measure the gap to
+        start, notified = run[0][0], None
+        for begin, end, name in run:
+            if "wait_for_host_flag" in name:
+                if notified is not None:
+                    totals["cpu_turnarounds"] += end - notified
+                    turnarounds.append(end - notified)
+                start, notified = end, None
+            elif notified is not None:
+                totals["gpu_during_cpu"] += end - begin
+            else:
+                by_kernel[name[:48]] += end - begin
+                if "notify_host" in name:
+                    totals["attention_parts"] += end - start
+                    notified = end
+        totals["span"] += run[-1][1] - run[0][0]
+        totals["between_steps"] += following[0][0] - run[-1][1]
+        totals["layers"] += sum("notify_host" in n for _, _, n in run)
+    n = max(1, len(graphs) - 1)
+    out = {k: round(v / n, 1) for k, v in totals.items()}
+    out["tail"] = round(out["span"] - out["attention_parts"] - out["cpu_turnarounds"], 1)
+    out["steps_counted"] = len(graphs) - 1
+    layers = max(1, totals["layers"])
+    out["attention_part_kernels_us_per_layer"] = {k: round(v / layers, 2) for k, v in
+                                                  sorted(by_kernel.items(), key=lambda kv: -kv[1])}
+    out["cpu_turnaround_us_p10_p50_p90"] = [round(float(q), 1) for q in np.percentile(turnarounds, [10, 50, 90])]
     return out
 
 
