@@ -96,7 +96,9 @@ def main():
     with torch.inference_mode():
         report["decode_ms"] = round(1e3 * decode(gen, prompt, args.steps), 3)
         report["decode_uses_graph_segments"] = gen.use_segments
-        if args.whole_step_trace and gen._segments is not None and gen._segments._whole is not None:
+        if args.whole_step_trace:
+            if gen._segments is None or gen._segments._whole is None:
+                raise SystemExit("--whole-step-trace: this decode does not run as one whole-step graph")
             report["whole_step_timeline_us"] = whole_step_timeline(gen, prompt, 8)
             print("whole-step timeline (us)", json.dumps(report["whole_step_timeline_us"]), flush=True)
             return _write(report, args.json)
@@ -311,12 +313,13 @@ def whole_step_timeline(gen, prompt, steps: int) -> dict:
         decode(gen, prompt, steps)
     kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                       if e.device_type == DeviceType.CUDA))
-    runs, run = [], [kernels[0]]
-    for k in kernels[1:]:
-        if k[0] - max(e for _, e, _ in run) > 20:
+    runs, run, run_end = [], [], float("-inf")
+    for k in kernels:
+        if run and k[0] - run_end > 20:
             runs.append(run)
-            run = []
+            run, run_end = [], float("-inf")
         run.append(k)
+        run_end = max(run_end, k[1])
     runs.append(run)
     graphs = [r for r in runs if sum("notify_host" in n for _, _, n in r) > 1]
     totals, by_kernel, turnarounds = defaultdict(float), defaultdict(float), []
